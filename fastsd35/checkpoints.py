@@ -1,0 +1,302 @@
+"""Reading checkpoints: official single files and diffusers folders, safetensors only.
+
+Every problem a user can cause (a missing, truncated or non-safetensors file, weights of another model) raises
+`CheckpointError` with one line naming the file, what was expected and what was found. Tensors are read one at a
+time and copied straight into the model, which is allocated on the target device in the target dtype, so no second
+full copy of the weights is ever held.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError
+from .model import MMDiTX, MMDiTXConfig
+
+TRANSFORMER_PREFIX = "model.diffusion_model."
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on CUDA, fp32 elsewhere (DESIGN.md "Precision and memory")."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors file's header, after checking that the file is safetensors and complete.
+    Nothing here unpickles or executes anything from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise CheckpointError(
+                f"{path}: this is a PyTorch pickle checkpoint (.ckpt/.pt/.bin); fastsd35 only reads .safetensors files"
+            )
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if not 2 <= n <= _MAX_HEADER:
+            raise CheckpointError(f"{path}: not a safetensors file (no valid header); fastsd35 only reads .safetensors")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: truncated: the header alone needs {8 + n} bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            data_end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: not a safetensors file (unreadable header); fastsd35 only reads .safetensors") from None
+    if 8 + n + data_end > size:
+        raise CheckpointError(
+            f"{path}: truncated: its header describes {8 + n + data_end} bytes but the file has {size} "
+            "(an interrupted download? fetch it again)"
+        )
+    return tensors
+
+
+class TensorSource:
+    """Named tensors from one or more safetensors files: `shapes` from the headers, `get(key)` reads one tensor."""
+
+    def __init__(self, headers: dict[Path, dict], rename: dict[str, str] | None = None, label: str | None = None):
+        # headers: file -> its safetensors header; rename: exposed key -> stored key (default: every stored key)
+        self.files = {key: path for path, header in headers.items() for key in header}
+        self._shapes = {key: tuple(entry["shape"]) for header in headers.values() for key, entry in header.items()}
+        self.rename = rename if rename is not None else {k: k for k in self.files}
+        self.label = label
+        self._stack = ExitStack()
+        self._open: dict[Path, object] = {}
+
+    @classmethod
+    def from_file(cls, path: Path, prefix: str = "", header: dict | None = None) -> "TensorSource":
+        header = header if header is not None else safetensors_header(path)
+        rename = {k[len(prefix) :]: k for k in header if k.startswith(prefix)}
+        return cls({Path(path): header}, rename, label=str(path))
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: self._shapes[stored] for k, stored in self.rename.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        stored = self.rename[key]
+        path = self.files[stored]
+        if path not in self._open:
+            self._open[path] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+        return self._open[path].get_tensor(stored)
+
+    def close(self):
+        self._stack.close()
+        self._open.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# diffusers `transformer/` folders -> the official layout (SPEC.md §4), our own mapping.
+
+_DIFFUSERS_TOP = {
+    "pos_embed.proj": "x_embedder.proj",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "context_embedder": "context_embedder",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",  # halves swapped
+}
+_DIFFUSERS_BLOCK = {
+    "attn.to_q": ("x_block.attn.qkv", 0),
+    "attn.to_k": ("x_block.attn.qkv", 1),
+    "attn.to_v": ("x_block.attn.qkv", 2),
+    "attn.add_q_proj": ("context_block.attn.qkv", 0),
+    "attn.add_k_proj": ("context_block.attn.qkv", 1),
+    "attn.add_v_proj": ("context_block.attn.qkv", 2),
+    "attn2.to_q": ("x_block.attn2.qkv", 0),
+    "attn2.to_k": ("x_block.attn2.qkv", 1),
+    "attn2.to_v": ("x_block.attn2.qkv", 2),
+    "attn.norm_q": ("x_block.attn.ln_q", None),
+    "attn.norm_k": ("x_block.attn.ln_k", None),
+    "attn.norm_added_q": ("context_block.attn.ln_q", None),
+    "attn.norm_added_k": ("context_block.attn.ln_k", None),
+    "attn2.norm_q": ("x_block.attn2.ln_q", None),
+    "attn2.norm_k": ("x_block.attn2.ln_k", None),
+    "attn.to_out.0": ("x_block.attn.proj", None),
+    "attn.to_add_out": ("context_block.attn.proj", None),
+    "attn2.to_out.0": ("x_block.attn2.proj", None),
+    "norm1.linear": ("x_block.adaLN_modulation.1", None),
+    "norm1_context.linear": ("context_block.adaLN_modulation.1", None),  # halves swapped in the last block
+    "ff.net.0.proj": ("x_block.mlp.fc1", None),
+    "ff.net.2": ("x_block.mlp.fc2", None),
+    "ff_context.net.0.proj": ("context_block.mlp.fc1", None),
+    "ff_context.net.2": ("context_block.mlp.fc2", None),
+}
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a])
+
+
+class DiffusersTransformerSource:
+    """A diffusers `SD3Transformer2DModel` folder seen through the official key layout: q/k/v are concatenated into
+    qkv and the (scale, shift) halves of the last context block and the final layer are swapped to (shift, scale)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.label = str(folder)
+        self.raw = TensorSource(_diffusers_weight_headers(folder), label=str(folder))
+        raw_shapes = self.raw._shapes
+        blocks = [int(m.group(1)) for k in raw_shapes if (m := re.match(r"transformer_blocks\.(\d+)\.", k))]
+        last = max(blocks, default=-1)
+        self.recipes: dict[str, list] = {}  # official key -> [(diffusers key, qkv part or None, swap)]
+        self.unmapped = []
+        for key in raw_shapes:
+            official = self._map(key, last)
+            if official is None:
+                self.unmapped.append(key)
+                continue
+            target, part, swap = official
+            self.recipes.setdefault(target, []).append((key, part, swap))
+        for parts in self.recipes.values():
+            parts.sort(key=lambda r: -1 if r[1] is None else r[1])
+
+    @staticmethod
+    def _map(key: str, last: int):
+        stem, _, leaf = key.rpartition(".")
+        if stem in _DIFFUSERS_TOP:
+            return f"{_DIFFUSERS_TOP[stem]}.{leaf}", None, stem == "norm_out.linear"
+        if key == "pos_embed.pos_embed":
+            return "pos_embed", None, False
+        m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", stem)
+        if m and m.group(2) in _DIFFUSERS_BLOCK:
+            i = int(m.group(1))
+            target, part = _DIFFUSERS_BLOCK[m.group(2)]
+            swap = m.group(2) == "norm1_context.linear" and i == last
+            return f"joint_blocks.{i}.{target}.{leaf}", part, swap
+        return None
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for target, parts in self.recipes.items():
+            first = self.raw._shapes[parts[0][0]]
+            rows = sum(self.raw._shapes[k][0] for k, _, _ in parts)
+            shapes[target] = (rows, *first[1:])
+        return shapes
+
+    def get(self, key: str) -> torch.Tensor:
+        parts = self.recipes[key]
+        tensors = [self.raw.get(k) for k, _, _ in parts]
+        t = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        return _swap_halves(t) if parts[0][2] else t
+
+    def close(self):
+        self.raw.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _diffusers_weight_headers(folder: Path) -> dict[Path, dict]:
+    """The safetensors headers of a diffusers model folder's weight files (one file, or shards with an index)."""
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    single = folder / "diffusion_pytorch_model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
+        shards = sorted({folder / name for name in weight_map.values()})
+        for path in shards:
+            if not path.is_file():
+                raise CheckpointError(f"{path}: shard listed in {index.name} is missing")
+        return {path: safetensors_header(path) for path in shards}
+    if single.is_file():
+        return {single: safetensors_header(single)}
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickles:
+        raise CheckpointError(f"{folder}: only pickle weights found ({', '.join(pickles)}); fastsd35 only reads .safetensors")
+    raise CheckpointError(
+        f"{folder}: no diffusers weights: expected diffusion_pytorch_model.safetensors or a sharded "
+        "diffusion_pytorch_model.safetensors.index.json"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def open_transformer(path) -> TensorSource | DiffusersTransformerSource:
+    """The transformer tensors at `path`, in the official layout: an official single file (`model.diffusion_model.*`,
+    other prefixes ignored), a bare transformer state dict file, a diffusers model folder or its `transformer/`."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "transformer" if (path / "transformer").is_dir() else path
+        if not (folder / "config.json").is_file() and not any(folder.glob("diffusion_pytorch_model*")):
+            found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+            raise CheckpointError(
+                f"{path}: not a diffusers model folder (expected transformer/ with diffusion_pytorch_model*.safetensors); "
+                f"found: {found}. For official files, pass the .safetensors checkpoint itself"
+            )
+        return DiffusersTransformerSource(folder)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; expected an SD3/SD3.5 .safetensors checkpoint or a diffusers folder")
+    keys = safetensors_header(path)
+    if any(k.startswith(TRANSFORMER_PREFIX) for k in keys):
+        return TensorSource.from_file(path, TRANSFORMER_PREFIX, keys)
+    if "x_embedder.proj.weight" in keys:
+        return TensorSource.from_file(path, "", keys)
+    sample = ", ".join(sorted(keys)[:3]) or "no tensors at all"
+    raise CheckpointError(
+        f"{path}: no transformer weights (expected keys '{TRANSFORMER_PREFIX}*'); found {len(keys)} tensors such as {sample}"
+    )
+
+
+def load_transformer(path, *, dtype=None, device=None, model_cls: type[MMDiTX] = MMDiTX) -> MMDiTX:
+    """Load an SD3/SD3.5 transformer from an official single file, a bare transformer file or a diffusers folder.
+
+    The config (depth, qk-norm, MMDiT-X layers, position table) is inferred from the tensors; `model.config.variant`
+    names the model ("sd3_medium", "sd3.5_medium", "sd3.5_large" or "custom"). The model is allocated on `device`
+    (default: CUDA when available) in `dtype` (default: bf16 on CUDA, fp32 on CPU) and filled one tensor at a time.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    with open_transformer(path) as source:
+        if isinstance(source, DiffusersTransformerSource) and source.unmapped:
+            raise CheckpointError(
+                f"{source.label}: unexpected diffusers keys {', '.join(source.unmapped[:4])}"
+                f"{' ...' if len(source.unmapped) > 4 else ''}: not an SD3/SD3.5 transformer"
+            )
+        shapes = source.shapes
+        config = MMDiTXConfig.from_shapes(shapes, source=source.label)
+        model = model_cls.empty(config, dtype=dtype, device=device)
+        model.load_weights(shapes, source.get, source=source.label)
+    return model.eval().requires_grad_(False)
+
+
+__all__ = [
+    "TRANSFORMER_PREFIX",
+    "DiffusersTransformerSource",
+    "TensorSource",
+    "default_device",
+    "default_dtype",
+    "load_transformer",
+    "open_transformer",
+    "safetensors_header",
+]

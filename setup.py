@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fastsd35",
+    version="0.1.0",
+    description="Fast, faithful Stable Diffusion 3 / 3.5 inference on Triton kernels and CUDA graphs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fastsd35", "fastsd35.*"]),
+    # Lower bounds only: GPU users bring their own torch/triton builds.
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "safetensors>=0.4",
+        "transformers>=4.44",
+        "tokenizers>=0.19",
+        "sentencepiece>=0.2",
+        "protobuf>=3.20",
+        "pillow>=10.0",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "diffusers>=0.31"],
+    },
+)

@@ -1,0 +1,149 @@
+"""Loading transformers from official single files, bare files and diffusers folders; every CheckpointError."""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_CONFIGS
+from safetensors.torch import save_file
+from test_model import inputs, make_diffusers, make_model
+
+from fastsd35 import CheckpointError
+from fastsd35.checkpoints import load_transformer, safetensors_header
+
+PREFIX = "model.diffusion_model."
+
+
+def official_file(tmp_path, model, name="sd3_tiny.safetensors", extra=True):
+    sd = {PREFIX + k: v.contiguous() for k, v in model.state_dict().items()}
+    if extra:  # a real single file also holds the VAE and maybe text encoders: ignored here
+        sd["first_stage_model.decoder.conv_in.weight"] = torch.randn(8, 4, 3, 3)
+        sd["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = torch.ones(8)
+    path = tmp_path / name
+    save_file(sd, str(path))
+    return path
+
+
+def same_outputs(a, b):
+    x, t, y, ctx = inputs(a.config)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x, t, y, ctx), b(x, t, y, ctx), atol=0, rtol=0)
+
+
+def test_official_single_file(tmp_path, tiny_config):
+    model = make_model(tiny_config)
+    loaded = load_transformer(official_file(tmp_path, model), device="cpu")
+    assert loaded.config == tiny_config and loaded.config.variant == "custom"
+    assert loaded.dtype == torch.float32 and loaded._adaln_is_fused()
+    assert not any(p.requires_grad for p in loaded.parameters())
+    same_outputs(model, loaded)
+
+
+def test_bare_file_and_dtype(tmp_path):
+    model = make_model(TINY_CONFIGS["sd35_large"])
+    path = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    same_outputs(model, load_transformer(path, device="cpu"))
+    half = load_transformer(path, device="cpu", dtype=torch.float16)
+    assert all(p.dtype == torch.float16 for p in half.parameters())
+    assert half._adaln_is_fused()
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_diffusers_folder_round_trip(tmp_path, tiny_config, shard):
+    """Our own diffusers->official mapping inverts diffusers' converter: identical outputs, with or without shards,
+    from the pipeline folder or its transformer/ subfolder."""
+    model = make_model(tiny_config)
+    ref = make_diffusers(model)
+    ref.save_pretrained(tmp_path / "transformer", safe_serialization=True, max_shard_size="200KB" if shard else "10GB")
+    has_index = (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    assert has_index == shard
+    for path in (tmp_path, tmp_path / "transformer"):
+        same_outputs(model, load_transformer(path, device="cpu"))
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nope\.safetensors: no such file or folder"):
+        load_transformer(tmp_path / "nope.safetensors", device="cpu")
+
+
+def test_pickle_is_refused_without_loading(tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, path)
+    with pytest.raises(CheckpointError, match=r"model\.ckpt: this is a PyTorch pickle checkpoint.*only reads \.safetensors"):
+        load_transformer(path, device="cpu")
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x00\x01not a checkpoint at all" * 10)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a safetensors file"):
+        load_transformer(path, device="cpu")
+
+
+def test_truncated_file(tmp_path):
+    path = official_file(tmp_path, make_model(TINY_CONFIGS["sd3"]))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=rf"sd3_tiny\.safetensors: truncated: its header describes {len(data)} bytes but the file has {len(data) - 1000}"):
+        load_transformer(path, device="cpu")
+    path.write_bytes(data[:20])
+    with pytest.raises(CheckpointError, match="truncated: the header alone needs"):
+        safetensors_header(path)
+
+
+def test_file_without_transformer(tmp_path):
+    path = tmp_path / "vae.safetensors"
+    save_file({"first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3)}, str(path))
+    with pytest.raises(CheckpointError, match=r"vae\.safetensors: no transformer weights \(expected keys 'model\.diffusion_model\.\*'\); found 1 tensors such as first_stage_model"):
+        load_transformer(path, device="cpu")
+
+
+def edited_file(tmp_path, edit):
+    model = make_model(TINY_CONFIGS["sd35_large"])
+    sd = {PREFIX + k: v.contiguous() for k, v in model.state_dict().items()}
+    edit(sd)
+    path = tmp_path / "edited.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+def test_missing_key(tmp_path):
+    path = edited_file(tmp_path, lambda sd: sd.pop(PREFIX + "joint_blocks.1.x_block.mlp.fc2.bias"))
+    with pytest.raises(CheckpointError, match=r"edited\.safetensors: weights do not match the model .*missing: joint_blocks\.1\.x_block\.mlp\.fc2\.bias"):
+        load_transformer(path, device="cpu")
+
+
+def test_unexpected_key(tmp_path):
+    path = edited_file(tmp_path, lambda sd: sd.update({PREFIX + "joint_blocks.0.x_block.extra.weight": torch.ones(3)}))
+    with pytest.raises(CheckpointError, match=r"edited\.safetensors: .*unexpected: joint_blocks\.0\.x_block\.extra\.weight"):
+        load_transformer(path, device="cpu")
+
+
+def test_wrong_shape(tmp_path):
+    path = edited_file(tmp_path, lambda sd: sd.update({PREFIX + "joint_blocks.0.x_block.attn.ln_q.weight": torch.ones(32)}))
+    with pytest.raises(CheckpointError, match=r"wrong shape: joint_blocks\.0\.x_block\.attn\.ln_q\.weight \(32,\) \(expected \(64,\)\)"):
+        load_transformer(path, device="cpu")
+
+
+def test_diffusers_folder_errors(tmp_path):
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    torch.save({}, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"only pickle weights found \(diffusion_pytorch_model\.bin\)"):
+        load_transformer(tmp_path, device="cpu")
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"proj_out.weight": "diffusion_pytorch_model-00001-of-00002.safetensors"}})
+    )
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model-00001-of-00002\.safetensors: shard listed in .* is missing"):
+        load_transformer(tmp_path, device="cpu")
+
+
+def test_folder_that_is_not_diffusers(tmp_path):
+    (tmp_path / "clip_l.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"not a diffusers model folder .* found: clip_l\.safetensors"):
+        load_transformer(tmp_path, device="cpu")

@@ -1,0 +1,251 @@
+"""MMDiTX against diffusers' SD3Transformer2DModel (weights converted by diffusers' own converter)."""
+
+import pytest
+import torch
+from conftest import TINY_CONFIGS
+from diffusers import SD3Transformer2DModel
+from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+from fastsd35.model import CONFIGS, MMDiTX, MMDiTXConfig
+from fastsd35.tiny import randomize_
+
+
+def make_model(config, seed=0, cls=MMDiTX):
+    return randomize_(cls(config), seed).eval()
+
+
+def make_diffusers(model: MMDiTX) -> SD3Transformer2DModel:
+    cfg = model.config
+    ref = SD3Transformer2DModel(
+        sample_size=cfg.pos_embed_max_size,
+        patch_size=cfg.patch_size,
+        in_channels=cfg.in_channels,
+        num_layers=cfg.depth,
+        attention_head_dim=64,
+        num_attention_heads=cfg.num_heads,
+        joint_attention_dim=cfg.context_dim,
+        caption_projection_dim=cfg.hidden_size,
+        pooled_projection_dim=cfg.adm_in_channels,
+        out_channels=cfg.out_channels,
+        pos_embed_max_size=cfg.pos_embed_max_size,
+        dual_attention_layers=cfg.x_block_self_attn_layers,
+        qk_norm="rms_norm" if cfg.qk_norm else None,
+    )
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    ref.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(sd), strict=True)
+    return ref.eval()
+
+
+def inputs(config, batch=2, h=16, w=12, n_ctx=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, config.in_channels, h, w, generator=g)
+    t = torch.tensor([980.0, 3.5, 500.0][:batch])
+    y = torch.randn(batch, config.adm_in_channels, generator=g)
+    ctx = torch.randn(batch, n_ctx, config.context_dim, generator=g)
+    return x, t, y, ctx
+
+
+def run_diffusers(ref, x, t, y, ctx, **kw):
+    return ref(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t, return_dict=False, **kw)[0]
+
+
+@torch.no_grad()
+def test_matches_diffusers(tiny_config):
+    model = make_model(tiny_config)
+    ref = make_diffusers(model)
+    x, t, y, ctx = inputs(tiny_config)
+    out = model(x, t, y, ctx)
+    expected = run_diffusers(ref, x, t, y, ctx)
+    assert out.shape == x.shape
+    assert expected.std() > 0.3  # outputs of order 1: the 1e-4 bound is meaningful
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_skip_layers_match_diffusers(tiny_config):
+    model = make_model(tiny_config)
+    ref = make_diffusers(model)
+    x, t, y, ctx = inputs(tiny_config)
+    out = model(x, t, y, ctx, skip_layers=[1])
+    torch.testing.assert_close(out, run_diffusers(ref, x, t, y, ctx, skip_layers=[1]), atol=1e-4, rtol=0)
+    assert (out - model(x, t, y, ctx)).abs().max() > 1e-2  # skipping a block changes the output
+
+
+def controlnet_states(model, x, n, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    tokens = (x.shape[2] // 2) * (x.shape[3] // 2)
+    return [0.5 * torch.randn(x.shape[0], tokens, model.config.hidden_size, generator=g) for _ in range(n)]
+
+
+@torch.no_grad()
+def test_controlnet_residuals_match_diffusers_except_last_block():
+    """Residual k goes after blocks i with i // (depth // n) == k. The reference adds one after the last block too;
+    diffusers does not (context_pre_only), so the two agree exactly when the last block's residual is zero."""
+    config = TINY_CONFIGS["sd35_medium"]  # depth 3, three residuals: block i gets hs[i]
+    model = make_model(config)
+    ref = make_diffusers(model)
+    x, t, y, ctx = inputs(config)
+    hs = controlnet_states(model, x, 3)
+    hs[2] = torch.zeros_like(hs[2])
+    out = model(x, t, y, ctx, controlnet_hidden_states=hs)
+    torch.testing.assert_close(out, run_diffusers(ref, x, t, y, ctx, block_controlnet_hidden_states=hs), atol=1e-4, rtol=0)
+    assert (out - model(x, t, y, ctx)).abs().max() > 1e-2
+
+    # The last block's residual is applied by us (reference behaviour) and ignored by diffusers.
+    hs[2] = controlnet_states(model, x, 1, seed=9)[0]
+    out_last = model(x, t, y, ctx, controlnet_hidden_states=hs)
+    assert (out_last - out).abs().max() > 1e-2
+    torch.testing.assert_close(
+        run_diffusers(ref, x, t, y, ctx, block_controlnet_hidden_states=hs), run_diffusers(ref, x, t, y, ctx,
+        block_controlnet_hidden_states=[*hs[:2], torch.zeros_like(hs[2])]), atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_controlnet_residual_spacing_and_skip():
+    """depth 2 with one residual: hs[0] after both blocks; a skipped block drops its residual (reference)."""
+    config = TINY_CONFIGS["sd3"]
+    model = make_model(config)
+    x, t, y, ctx = inputs(config)
+    hs = controlnet_states(model, x, 1)
+    # Skipping block 0 and adding hs[0] after block 1 only equals running with hs on block 1 only, which we get
+    # by passing two states [0, hs] (block i uses hs[i]).
+    one = model(x, t, y, ctx, controlnet_hidden_states=hs, skip_layers=[0])
+    two = model(x, t, y, ctx, controlnet_hidden_states=[torch.zeros_like(hs[0]), hs[0]], skip_layers=[0])
+    torch.testing.assert_close(one, two, atol=0, rtol=0)
+    both = model(x, t, y, ctx, controlnet_hidden_states=[hs[0], hs[0]])
+    torch.testing.assert_close(model(x, t, y, ctx, controlnet_hidden_states=hs), both, atol=0, rtol=0)
+
+
+def test_bad_controlnet_state_count():
+    model = make_model(TINY_CONFIGS["sd35_medium"])  # depth 3
+    x, t, y, ctx = inputs(model.config)
+    with pytest.raises(ValueError, match="2 ControlNet states cannot be spread over 3 blocks"):
+        model(x, t, y, ctx, controlnet_hidden_states=controlnet_states(model, x, 2))
+
+
+def reference_kwargs(config: MMDiTXConfig):
+    """The keyword arguments the reference's BaseModel passes to mmditx.MMDiTX."""
+    return dict(
+        input_size=None,
+        pos_embed_scaling_factor=None,
+        pos_embed_offset=None,
+        pos_embed_max_size=config.pos_embed_max_size,
+        patch_size=config.patch_size,
+        in_channels=16,
+        depth=config.depth,
+        num_patches=config.pos_embed_max_size**2,
+        adm_in_channels=config.adm_in_channels,
+        context_embedder_config={
+            "target": "torch.nn.Linear",
+            "params": {"in_features": config.context_dim, "out_features": config.hidden_size},
+        },
+        qk_norm=config.qk_norm,
+        x_block_self_attn_layers=list(config.x_block_self_attn_layers),
+        dtype=torch.float32,
+        device="cpu",
+        verbose=False,
+    )
+
+
+def test_reference_constructor(tiny_config):
+    model = MMDiTX(**reference_kwargs(tiny_config))
+    assert model.config == tiny_config
+    ours = MMDiTX(tiny_config)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+
+
+@pytest.mark.parametrize("option, value", [("swiglu", True), ("rmsnorm", True), ("register_length", 4), ("scale_mod_only", True)])
+def test_reference_constructor_rejects_unreleased_options(option, value):
+    kwargs = reference_kwargs(TINY_CONFIGS["sd3"]) | {option: value}
+    with pytest.raises(ValueError, match=option):
+        MMDiTX(**kwargs)
+
+
+def test_official_key_layout_and_variants():
+    """State dict keys are the official ones (SPEC.md §4); the released configs are recognised from shapes alone."""
+    with torch.device("meta"):
+        large = MMDiTX("sd3.5_large")
+    keys = set(large.state_dict())
+    assert "joint_blocks.37.context_block.adaLN_modulation.1.weight" in keys
+    assert large.state_dict()["joint_blocks.37.context_block.adaLN_modulation.1.weight"].shape == (2 * 2432, 2432)
+    assert large.state_dict()["joint_blocks.0.x_block.adaLN_modulation.1.weight"].shape == (6 * 2432, 2432)
+    assert "joint_blocks.37.context_block.attn.proj.weight" not in keys
+    assert "joint_blocks.37.context_block.attn.qkv.weight" in keys
+    assert large.state_dict()["final_layer.linear.weight"].shape == (64, 2432)
+    for name, config in CONFIGS.items():
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in MMDiTX(config).state_dict().items()}
+        assert MMDiTXConfig.from_shapes(shapes) == config
+        assert config.variant == name
+    with torch.device("meta"):
+        medium = MMDiTX("sd3.5_medium").state_dict()
+    assert medium["pos_embed"].shape == (1, 147456, 1536)
+    assert medium["joint_blocks.12.x_block.adaLN_modulation.1.weight"].shape == (9 * 1536, 1536)
+    assert "joint_blocks.13.x_block.attn2.qkv.weight" not in medium
+
+
+@torch.no_grad()
+def test_adaln_fusion_survives_conversion_and_assign():
+    """One GEMM gives all modulations: each block's adaLN Linear is a slice of one matrix, and stays so through
+    .to(dtype), to_empty and load_state_dict(assign=True)."""
+    config = TINY_CONFIGS["sd35_medium"]
+    model = make_model(config)
+    x, t, y, ctx = inputs(config)
+    expected = model(x, t, y, ctx)
+    assert model._adaln_is_fused()
+    w = model._adaln_w
+    first = model.joint_blocks[0].context_block.adaLN_modulation[1].weight
+    assert first.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+    n_mods = (6 + 9) + (6 + 9) + (2 + 6) + 2  # blocks 0-1 with attn2, the last block, the final layer
+    assert w.shape == (n_mods * config.hidden_size, config.hidden_size)
+
+    model.double()
+    assert model._adaln_is_fused() and model._adaln_w.dtype == torch.float64
+    model.float()
+    torch.testing.assert_close(model(x, t, y, ctx), expected, atol=0, rtol=0)
+
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = MMDiTX.empty(config, dtype=torch.float32, device="cpu")
+    fresh.load_state_dict(sd, assign=True)
+    assert not fresh._adaln_is_fused()
+    torch.testing.assert_close(fresh(x, t, y, ctx), expected, atol=0, rtol=0)
+    assert fresh._adaln_is_fused()
+
+
+@torch.no_grad()
+def test_modulations_are_one_gemm(monkeypatch):
+    config = TINY_CONFIGS["sd35_large"]
+    model = make_model(config)
+    calls = []
+    real = torch.nn.functional.linear
+
+    def counting(inp, weight, bias=None):
+        calls.append(tuple(weight.shape))
+        return real(inp, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    model(*inputs(config))
+    D = config.hidden_size
+    n_mods = (6 + 6) + (2 + 6) + 2  # block 0: ctx + x; last block: pre-only ctx + x; final layer
+    assert calls.count((n_mods * D, D)) == 1
+    assert not any(shape[0] in (6 * D, 2 * D) and shape[1] == D for shape in calls)
+
+
+def test_input_errors():
+    model = make_model(TINY_CONFIGS["sd3"])  # pos_embed_max_size 16, patch 2 -> latent up to 32
+    x, t, y, ctx = inputs(model.config)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(x[:, :, :15], t, y, ctx)
+    with pytest.raises(ValueError, match="larger than this model's position table"):
+        model(torch.randn(1, 16, 34, 8), t[:1], y[:1], ctx[:1])
+    with pytest.raises(ValueError, match="context is required"):
+        model(x, t, y)
+
+
+@torch.no_grad()
+def test_timestep_and_pooled_change_output():
+    model = make_model(TINY_CONFIGS["sd3"])
+    x, t, y, ctx = inputs(model.config)
+    base = model(x, t, y, ctx)
+    assert (model(x, t + 100, y, ctx) - base).abs().max() > 1e-2
+    assert (model(x, t, y + 1, ctx) - base).abs().max() > 1e-2
