@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import re
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -268,6 +268,38 @@ def open_transformer(path) -> TensorSource | DiffusersTransformerSource:
     )
 
 
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where each component of a model lives: a checkpoint file or a diffusers folder."""
+
+    transformer: Path
+    vae: Path
+    text_encoders: Path  # a checkpoint file (its text_encoders.* keys, then its folder) or a folder
+
+
+def find_model_files(model, preset) -> ModelFiles:
+    """Resolve `model` (an official single file, a folder laid out as the official release, or a diffusers
+    folder) for `preset` (a presets.Preset): the official folder must hold one of the preset's checkpoint names."""
+    path = Path(model)
+    if path.is_file():
+        return ModelFiles(path, path, path)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path}: no such file or folder; expected a folder with {' or '.join(preset.checkpoints) or 'the checkpoint'} "
+            "(and clip_g.safetensors, clip_l.safetensors, t5xxl_fp16.safetensors), a checkpoint file, or a diffusers folder"
+        )
+    if (path / "model_index.json").is_file() or (path / "transformer").is_dir():
+        return ModelFiles(path, path, path)
+    for name in preset.checkpoints:
+        if (path / name).is_file():
+            return ModelFiles(path / name, path / name, path / name)
+    found = sorted(p.name for p in path.glob("*.safetensors"))
+    raise CheckpointError(
+        f"{path}: no checkpoint for preset '{preset.name}': expected {' or '.join(preset.checkpoints)}; "
+        f"found {', '.join(found) if found else 'no .safetensors files'}"
+    )
+
+
 def load_transformer(path, *, dtype=None, device=None, model_cls: type[MMDiTX] = MMDiTX) -> MMDiTX:
     """Load an SD3/SD3.5 transformer from an official single file, a bare transformer file or a diffusers folder.
 
@@ -293,6 +325,8 @@ def load_transformer(path, *, dtype=None, device=None, model_cls: type[MMDiTX] =
 __all__ = [
     "TRANSFORMER_PREFIX",
     "DiffusersTransformerSource",
+    "ModelFiles",
+    "find_model_files",
     "TensorSource",
     "default_device",
     "default_dtype",

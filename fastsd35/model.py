@@ -566,6 +566,24 @@ class MMDiTX(nn.Module):
         return ws
 
 
+class FastMMDiTX(MMDiTX):
+    """MMDiTX running the Triton ops: the same constructor, state dict, `from_state_dict` and forward; only the
+    op set differs. `fastsd35.kernels.backend(device)` tells which backend runs them (Triton on CUDA, Triton's
+    interpreter on CPU with TRITON_INTERPRET=1, otherwise the reference ops)."""
+
+    def ops(self, device) -> SimpleNamespace:
+        return kernels.ops_for(device)
+
+    @classmethod
+    def from_mmditx(cls, model: MMDiTX) -> "FastMMDiTX":
+        """Convert an MMDiTX in place: same modules and tensors, nothing copied."""
+        if not isinstance(model, MMDiTX):
+            raise TypeError(f"from_mmditx expects a fastsd35 MMDiTX, got {type(model).__name__}; "
+                            "for other modules use FastMMDiTX.from_state_dict(module.state_dict())")
+        model.__class__ = cls
+        return model
+
+
 def check_keys_and_shapes(model: nn.Module, shapes: Mapping[str, Sequence[int]], source: str):
     """Raise CheckpointError naming `source` unless `shapes` has exactly the model's keys with matching shapes."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -583,4 +601,4 @@ def check_keys_and_shapes(model: nn.Module, shapes: Mapping[str, Sequence[int]],
         raise CheckpointError(f"{source}: weights do not match the model{desc}: " + "; ".join(problems))
 
 
-__all__ = ["CONFIGS", "MMDiTX", "MMDiTXConfig", "check_keys_and_shapes"]
+__all__ = ["CONFIGS", "FastMMDiTX", "MMDiTX", "MMDiTXConfig", "check_keys_and_shapes"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import FastSD35Error
-from .sampling import SLGConfig
+from .sampling import SAMPLERS, SLGConfig
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,73 @@ class Preset:
     width: int = 1024
     height: int = 1024
     description: str = ""
+
+    def resolve(
+        self,
+        *,
+        steps=None,
+        cfg=None,
+        shift=None,
+        sampler=None,
+        width=None,
+        height=None,
+        slg: bool | SLGConfig | None = None,
+        denoise: float = 1.0,
+        max_pixels: int | None = None,
+    ) -> "Settings":
+        """This preset's settings with the given overrides (None keeps the preset's value), checked: a bad value
+        raises FastSD35Error saying what is wrong and what would work. `slg`: None = the preset's default, False =
+        off, True = on with the preset's (or the default) config. While SLG is on and cfg is not given, the SLG
+        config's cfg applies. `max_pixels`: the largest side the model's position table allows."""
+        if slg is None or slg is True:
+            slg = self.slg if slg is None else (self.slg or SLGConfig())
+        settings = Settings(
+            steps=self.steps if steps is None else steps,
+            cfg=(slg.cfg if slg else self.cfg) if cfg is None else cfg,
+            shift=self.shift if shift is None else shift,
+            sampler=sampler or self.sampler,
+            width=width or self.width,
+            height=height or self.height,
+            slg=slg or None,
+            denoise=denoise,
+        )
+        settings.check(max_pixels)
+        return settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides the sampled latent apart from prompts, seed, model and init image."""
+
+    steps: int
+    cfg: float
+    shift: float
+    sampler: str
+    width: int
+    height: int
+    slg: SLGConfig | None
+    denoise: float = 1.0
+
+    def check(self, max_pixels: int | None = None):
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise FastSD35Error(f"steps must be a positive integer, got {self.steps}")
+        if not math.isfinite(self.cfg) or self.cfg < 0:
+            raise FastSD35Error(f"cfg must be a finite number >= 0, got {self.cfg}")
+        if not math.isfinite(self.shift) or self.shift <= 0:
+            raise FastSD35Error(f"shift must be a finite number > 0, got {self.shift}")
+        if self.sampler not in SAMPLERS:
+            raise FastSD35Error(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        if not 0.0 < self.denoise <= 1.0:
+            raise FastSD35Error(f"denoise must be in (0, 1], got {self.denoise}")
+        for name, value in (("width", self.width), ("height", self.height)):
+            if value < 16 or value % 16:
+                lower, upper = max(16, value // 16 * 16), max(16, -(-value // 16) * 16)
+                nearest = f"{lower}" if lower == upper else f"{lower} or {upper}"
+                raise FastSD35Error(f"{name} {value} is not a multiple of 16: use {nearest}")
+            if max_pixels and value > max_pixels:
+                raise FastSD35Error(f"{name} {value} is beyond this model's position-embedding limit of {max_pixels} pixels")
+        if self.slg and (not math.isfinite(self.slg.scale) or not 0 <= self.slg.start < self.slg.end <= 1):
+            raise FastSD35Error(f"skip-layer guidance needs a finite scale and 0 <= start < end <= 1, got {self.slg}")
 
 
 PRESETS: dict[str, Preset] = {

@@ -147,3 +147,19 @@ def test_folder_that_is_not_diffusers(tmp_path):
     (tmp_path / "clip_l.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"not a diffusers model folder .* found: clip_l\.safetensors"):
         load_transformer(tmp_path, device="cpu")
+
+
+def test_find_model_files(tmp_path):
+    from fastsd35.checkpoints import find_model_files
+    from fastsd35.presets import get_preset
+
+    large = get_preset("large")
+    (tmp_path / "sd3.5_large.safetensors").write_bytes(b"")
+    files = find_model_files(tmp_path, large)
+    assert files.transformer == files.vae == files.text_encoders == tmp_path / "sd3.5_large.safetensors"
+    with pytest.raises(CheckpointError, match=r"no checkpoint for preset 'large_turbo': expected sd3\.5_large_turbo\.safetensors; found sd3\.5_large\.safetensors"):
+        find_model_files(tmp_path, get_preset("large_turbo"))
+    with pytest.raises(CheckpointError, match=r"models: no such file or folder; expected a folder with sd3\.5_large\.safetensors \(and clip_g"):
+        find_model_files(tmp_path / "models", large)
+    (tmp_path / "diffusers" / "transformer").mkdir(parents=True)
+    assert find_model_files(tmp_path / "diffusers", large).transformer == tmp_path / "diffusers"
