@@ -300,6 +300,12 @@ def find_model_files(model, preset) -> ModelFiles:
     )
 
 
+def transformer_config(path) -> MMDiTXConfig:
+    """The transformer config at `path`, read from tensor shapes in the headers alone (no weights loaded)."""
+    with open_transformer(path) as source:
+        return MMDiTXConfig.from_shapes(source.shapes, source=source.label)
+
+
 def load_transformer(path, *, dtype=None, device=None, model_cls: type[MMDiTX] = MMDiTX) -> MMDiTX:
     """Load an SD3/SD3.5 transformer from an official single file, a bare transformer file or a diffusers folder.
 
@@ -332,5 +338,6 @@ __all__ = [
     "default_dtype",
     "load_transformer",
     "open_transformer",
+    "transformer_config",
     "safetensors_header",
 ]
