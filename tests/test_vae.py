@@ -117,6 +117,8 @@ def test_full_size_layout_matches_diffusers():
     assert VAEConfig.from_shapes(shapes) == VAEConfig()
     assert shapes["encoder.conv_out.weight"] == (32, 512, 3, 3) and shapes["decoder.conv_in.weight"] == (512, 16, 3, 3)
     assert len(vae.decoder.up[3].block) == 3 and vae.decoder.up[0].upsample is None
+    # eps is too small to show in the random-weight parity tests: check it here
+    assert {(m.num_groups, m.eps) for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)} == {(32, 1e-6)}
 
 
 def test_input_dtype_and_shape_checks(pair):
