@@ -124,14 +124,14 @@ def test_full_size_layout_matches_diffusers():
 def test_input_dtype_and_shape_checks(pair):
     vae, _ = pair
     half = make_vae().to(torch.bfloat16)
-    image, latent = inputs(batch=1)
+    image, latent = inputs(batch=1, h=16, w=16)
     with torch.no_grad():
         assert half.encode(image).dtype == torch.bfloat16
         assert half.encode(image, torch.Generator().manual_seed(0)).dtype == torch.bfloat16
         out = half.decode(latent)  # float32 input is cast
         assert out.dtype == torch.bfloat16
         assert (out.float() - vae.decode(latent)).abs().max() < 0.2
-    with pytest.raises(ValueError, match=r"latent must be \(B, 16, H, W\), got \(1, 4, 4, 5\)"):
+    with pytest.raises(ValueError, match=r"latent must be \(B, 16, H, W\), got \(1, 4, 2, 2\)"):
         vae.decode(latent[:, :4])
     with pytest.raises(ValueError, match=r"image must be \(B, 3, H, W\)"):
         vae.encode(image[0])
@@ -251,23 +251,24 @@ def test_error_no_vae_weights(tmp_path):
         load_vae(path, device="cpu")
 
 
-def edited(tmp_path, change):
-    sd = {k: v.clone() for k, v in make_vae().state_dict().items()}
+def edited(tmp_path, vae, change):
+    sd = {k: v.clone() for k, v in vae.state_dict().items()}
     change(sd)
     return save(tmp_path, "edited.safetensors", sd)
 
 
-def test_error_missing_unexpected_wrong_shape(tmp_path):
-    path = edited(tmp_path, lambda sd: sd.pop("decoder.up.2.block.1.conv2.bias"))
+def test_error_missing_unexpected_wrong_shape(tmp_path, pair):
+    vae, _ = pair
+    path = edited(tmp_path, vae, lambda sd: sd.pop("decoder.up.2.block.1.conv2.bias"))
     with pytest.raises(CheckpointError, match=r"edited\.safetensors: weights do not match .*missing: decoder\.up\.2\.block\.1\.conv2\.bias"):
         load_vae(path, device="cpu")
-    path = edited(tmp_path, lambda sd: sd.update({"encoder.down.0.attn.0.q.weight": torch.ones(1)}))
+    path = edited(tmp_path, vae, lambda sd: sd.update({"encoder.down.0.attn.0.q.weight": torch.ones(1)}))
     with pytest.raises(CheckpointError, match=r"edited\.safetensors: .*unexpected: encoder\.down\.0\.attn\.0\.q\.weight"):
         load_vae(path, device="cpu")
-    path = edited(tmp_path, lambda sd: sd.update({"decoder.mid.attn_1.q.weight": torch.ones(64, 64)}))
+    path = edited(tmp_path, vae, lambda sd: sd.update({"decoder.mid.attn_1.q.weight": torch.ones(64, 64)}))
     with pytest.raises(CheckpointError, match=r"wrong shape: decoder\.mid\.attn_1\.q\.weight \(64, 64\) \(expected \(64, 64, 1, 1\)\)"):
         load_vae(path, device="cpu")
-    path = edited(tmp_path, lambda sd: sd.pop("decoder.conv_in.weight"))
+    path = edited(tmp_path, vae, lambda sd: sd.pop("decoder.conv_in.weight"))
     with pytest.raises(CheckpointError, match=r"edited\.safetensors: not an SD3 VAE: key 'decoder\.conv_in\.weight' is missing"):
         load_vae(path, device="cpu")
 
