@@ -158,7 +158,7 @@ class DiffusersTransformerSource:
     def __init__(self, folder: Path):
         self.folder = folder
         self.label = str(folder)
-        self.raw = TensorSource(_diffusers_weight_headers(folder), label=str(folder))
+        self.raw = TensorSource(diffusers_weight_headers(folder), label=str(folder))
         raw_shapes = self.raw._shapes
         blocks = [int(m.group(1)) for k in raw_shapes if (m := re.match(r"transformer_blocks\.(\d+)\.", k))]
         last = max(blocks, default=-1)
@@ -214,7 +214,7 @@ class DiffusersTransformerSource:
         self.close()
 
 
-def _diffusers_weight_headers(folder: Path) -> dict[Path, dict]:
+def diffusers_weight_headers(folder: Path) -> dict[Path, dict]:
     """The safetensors headers of a diffusers model folder's weight files (one file, or shards with an index)."""
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     single = folder / "diffusion_pytorch_model.safetensors"
@@ -239,6 +239,19 @@ def _diffusers_weight_headers(folder: Path) -> dict[Path, dict]:
     )
 
 
+def diffusers_component_folder(path: Path, component: str) -> Path:
+    """The folder of diffusers component `component` ("transformer", "vae"): `path/component` when `path` is a pipeline
+    folder, else `path` itself, which must then be a diffusers model folder (CheckpointError otherwise)."""
+    folder = path / component if (path / component).is_dir() else path
+    if not (folder / "config.json").is_file() and not any(folder.glob("diffusion_pytorch_model*")):
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+        raise CheckpointError(
+            f"{path}: not a diffusers model folder (expected {component}/ with diffusion_pytorch_model*.safetensors); "
+            f"found: {found}. For official files, pass the .safetensors checkpoint itself"
+        )
+    return folder
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -247,14 +260,7 @@ def open_transformer(path) -> TensorSource | DiffusersTransformerSource:
     other prefixes ignored), a bare transformer state dict file, a diffusers model folder or its `transformer/`."""
     path = Path(path)
     if path.is_dir():
-        folder = path / "transformer" if (path / "transformer").is_dir() else path
-        if not (folder / "config.json").is_file() and not any(folder.glob("diffusion_pytorch_model*")):
-            found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
-            raise CheckpointError(
-                f"{path}: not a diffusers model folder (expected transformer/ with diffusion_pytorch_model*.safetensors); "
-                f"found: {found}. For official files, pass the .safetensors checkpoint itself"
-            )
-        return DiffusersTransformerSource(folder)
+        return DiffusersTransformerSource(diffusers_component_folder(path, "transformer"))
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder; expected an SD3/SD3.5 .safetensors checkpoint or a diffusers folder")
     keys = safetensors_header(path)
@@ -336,6 +342,8 @@ __all__ = [
     "TensorSource",
     "default_device",
     "default_dtype",
+    "diffusers_component_folder",
+    "diffusers_weight_headers",
     "load_transformer",
     "open_transformer",
     "transformer_config",
