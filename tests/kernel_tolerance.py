@@ -22,7 +22,7 @@ def max_error(out: torch.Tensor, truth: torch.Tensor) -> float:
 def assert_within_tolerance(out: torch.Tensor, same_dtype: torch.Tensor, truth: torch.Tensor, what: str = "") -> float:
     """Assert the rule for `out` (kernel) against `truth`, with `same_dtype` the plain torch result in out's dtype.
     Returns the kernel's error."""
-    assert out.shape == truth.shape == same_dtype.shape, f"{what}: shapes {out.shape}, {same_dtype.shape}, {truth.shape}"
+    assert out.shape == truth.shape == same_dtype.shape, f"{what}: {out.shape}, {same_dtype.shape}, {truth.shape}"
     assert out.dtype == same_dtype.dtype, f"{what}: kernel dtype {out.dtype}, torch dtype {same_dtype.dtype}"
     err, base = max_error(out, truth), max_error(same_dtype, truth)
     bound = 2 * base + FLOOR[out.dtype]

@@ -97,7 +97,8 @@ def test_strided_inputs():
 
 
 def _outputs(B=1, H=2, L=20, Dh=64, n_ctx=5, dtype=torch.float32):
-    return (torch.empty(B, n_ctx, H * Dh, dtype=dtype, device=DEVICE), torch.empty(B, L - n_ctx, H * Dh, dtype=dtype, device=DEVICE))
+    f = dict(dtype=dtype, device=DEVICE)
+    return torch.empty(B, n_ctx, H * Dh, **f), torch.empty(B, L - n_ctx, H * Dh, **f)
 
 
 def test_error_n_ctx():

@@ -29,12 +29,6 @@ def _layer_norm_row(x, mask, D, eps):
 
 
 @triton.jit
-def _load_vec(ptr, b, stride_b, cols, mask):
-    """Row b of a (B, D) modulation vector, as fp32."""
-    return tl.load(ptr + b * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _ln_modulate_kernel(
     X, SHIFT1, SCALE1, SHIFT2, SCALE2, OUT1, OUT2,
     L, D,
@@ -53,12 +47,12 @@ def _ln_modulate_kernel(
     h = _layer_norm_row(x, mask, D, eps)
     out = b * stride_ob + l * stride_ol + cols
 
-    shift = _load_vec(SHIFT1, b, stride_shift1, cols, mask)
-    scale = _load_vec(SCALE1, b, stride_scale1, cols, mask)
+    shift = tl.load(SHIFT1 + b * stride_shift1 + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE1 + b * stride_scale1 + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT1 + out, (h * (1.0 + scale) + shift).to(OUT1.dtype.element_ty), mask=mask)
     if TWO:
-        shift2 = _load_vec(SHIFT2, b, stride_shift2, cols, mask)
-        scale2 = _load_vec(SCALE2, b, stride_scale2, cols, mask)
+        shift2 = tl.load(SHIFT2 + b * stride_shift2 + cols, mask=mask, other=0.0).to(tl.float32)
+        scale2 = tl.load(SCALE2 + b * stride_scale2 + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(OUT2 + out, (h * (1.0 + scale2) + shift2).to(OUT2.dtype.element_ty), mask=mask)
 
 
@@ -81,18 +75,20 @@ def _gated_residual_ln_modulate_kernel(
 
     x = tl.load(X + b * stride_xb + l * stride_xl + cols, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(Y + b * stride_yb + l * stride_yl + cols, mask=mask, other=0.0).to(tl.float32)
-    x_new = x + _load_vec(GATE, b, stride_gate, cols, mask) * y
+    gate = tl.load(GATE + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    x_new = x + gate * y
     if HAS_Y2:
         y2 = tl.load(Y2 + b * stride_y2b + l * stride_y2l + cols, mask=mask, other=0.0).to(tl.float32)
-        x_new = x_new + _load_vec(GATE2, b, stride_gate2, cols, mask) * y2
+        gate2 = tl.load(GATE2 + b * stride_gate2 + cols, mask=mask, other=0.0).to(tl.float32)
+        x_new = x_new + gate2 * y2
     # The residual is stored in the input dtype, and the norm reads it as stored (as the next block would).
     x_new = x_new.to(X_NEW.dtype.element_ty)
     out = b * stride_ob + l * stride_ol + cols
     tl.store(X_NEW + out, x_new, mask=mask)
     if NORM:
         h = _layer_norm_row(x_new.to(tl.float32), mask, D, eps)
-        shift = _load_vec(SHIFT, b, stride_shift, cols, mask)
-        scale = _load_vec(SCALE, b, stride_scale, cols, mask)
+        shift = tl.load(SHIFT + b * stride_shift + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(H + out, (h * (1.0 + scale) + shift).to(H.dtype.element_ty), mask=mask)
 
 

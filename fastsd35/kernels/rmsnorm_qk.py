@@ -74,7 +74,9 @@ def split_qkv_rmsnorm(qkv, q_weight, k_weight, q_out, k_out, v_out, seq_offset: 
         check_writable_rows(op, name, t)
     check_tensor(op, "qkv", qkv, 3, q_out.dtype, q_out.device)
     if qkv.shape[0] != B or qkv.shape[2] != 3 * H * Dh:
-        raise ValueError(f"{op}: qkv must have shape ({B}, L, {3 * H * Dh}) for {H} heads of {Dh}, got {tuple(qkv.shape)}")
+        raise ValueError(
+            f"{op}: qkv must have shape ({B}, L, {3 * H * Dh}) for {H} heads of {Dh}, got {tuple(qkv.shape)}"
+        )
     L = qkv.shape[1]
     if isinstance(seq_offset, bool) or not isinstance(seq_offset, int) or seq_offset < 0:
         raise ValueError(f"{op}: seq_offset must be a non-negative int, got {seq_offset!r}")
