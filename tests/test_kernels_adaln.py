@@ -89,6 +89,21 @@ def test_gated_residual_ln_modulate(shape, dtype, strided, with_y2):
     assert_within_tolerance(h, torch_ln_modulate(x_new, shift, scale), truth_h_stored, "h of x_new")
 
 
+def test_norm_reads_the_rounded_residual():
+    """h is the norm of x_new as stored in fp16, not of the fp32 sum. Rows near 1000 with std 0.5: fp16's spacing
+    there (0.5) moves the normalised values by O(1), so the two readings are far apart and only one matches."""
+    B, L, D = 2, 3, 200
+    x = rows(B, L, D, torch.float16, 0, scale=0.5, mean=1000.0)
+    y = rows(B, L, D, torch.float16, 1)
+    gate, shift, scale = modulation_views(B, 3, D, torch.float16)
+    x_new, h = kern.gated_residual_ln_modulate(x, y, gate, shift, scale)
+    expected_x, expected_h = ref.gated_residual_ln_modulate(x, y, gate, shift, scale)
+    unrounded_h = ref.gated_residual_ln_modulate(*upcast(x, y, gate, shift, scale))[1]
+    assert (expected_h.float() - unrounded_h).abs().max() > 0.5  # the test can tell the two apart
+    torch.testing.assert_close(x_new, expected_x, rtol=0, atol=0)
+    torch.testing.assert_close(h, expected_h, rtol=2e-3, atol=2e-3)  # about one fp16 ulp
+
+
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
