@@ -1,13 +1,19 @@
 """Block-level ops for MMDiT-X and the choice of backend that runs them.
 
-`REFERENCE_OPS` are plain PyTorch (kernels/reference.py). The Triton kernels implement the same contracts.
+`REFERENCE_OPS` are plain PyTorch (kernels/reference.py). `TRITON_OPS` are the Triton kernels implementing the same
+contracts; they compile on CUDA and run in Triton's interpreter on the CPU when TRITON_INTERPRET=1 was set before
+they were first used. Triton is imported lazily, on first use, so fastsd35 imports (and runs the reference ops) on
+machines without it.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import torch
+
 from . import reference
+from .checks import interpreter_requested
 
 _OP_NAMES = (
     "ln_modulate",
@@ -20,12 +26,55 @@ _OP_NAMES = (
 
 REFERENCE_OPS = SimpleNamespace(name="torch", **{n: getattr(reference, n) for n in _OP_NAMES})
 
+_triton = SimpleNamespace(ops=None, interpreted=None, error=None)  # filled by the first _load_triton_ops()
+
+
+def _load_triton_ops() -> SimpleNamespace | None:
+    """TRITON_OPS, importing the kernel modules on first call; None when triton cannot be imported."""
+    if _triton.ops is None and _triton.error is None:
+        try:
+            from . import checks, fused_adaln_modulate, joint_attention, rmsnorm_qk
+        except ImportError as e:
+            _triton.error = e
+            return None
+        _triton.ops = SimpleNamespace(
+            name="triton",
+            ln_modulate=fused_adaln_modulate.ln_modulate,
+            ln_modulate2=fused_adaln_modulate.ln_modulate2,
+            gated_residual_ln_modulate=fused_adaln_modulate.gated_residual_ln_modulate,
+            gated_residual=fused_adaln_modulate.gated_residual,
+            split_qkv_rmsnorm=rmsnorm_qk.split_qkv_rmsnorm,
+            joint_attention=joint_attention.joint_attention,
+        )
+        _triton.interpreted = checks.INTERPRET  # how the kernels were built, fixed at their import
+    return _triton.ops
+
+
+def __getattr__(name: str):
+    if name == "TRITON_OPS":
+        ops = _load_triton_ops()
+        if ops is None:
+            raise ImportError(f"fastsd35.kernels.TRITON_OPS needs triton, which failed to import: {_triton.error}")
+        return ops
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def backend(device=None) -> str:
-    """The backend that runs the ops for tensors on `device`: currently always "torch" (the reference ops)."""
+    """The backend that runs the ops for tensors on `device` (default: CUDA if available, else the CPU):
+    "triton" (CUDA), "triton-interpreter" (CPU with TRITON_INTERPRET=1) or "torch" (the reference ops)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    # On the CPU the interpreter is asked for before importing anything: plain CPU runs never import triton.
+    if kind == "cuda" or (kind == "cpu" and interpreter_requested()):
+        if _load_triton_ops() is not None:
+            if _triton.interpreted:  # the kernels were built for the interpreter, whatever the device
+                return "triton-interpreter"
+            if kind == "cuda":
+                return "triton"
     return "torch"
 
 
 def ops_for(device=None) -> SimpleNamespace:
-    """The op set to use for tensors on `device`."""
-    return REFERENCE_OPS
+    """The op set for tensors on `device`: TRITON_OPS where `backend(device)` names Triton, else REFERENCE_OPS."""
+    return REFERENCE_OPS if backend(device) == "torch" else _load_triton_ops()

@@ -1,0 +1,218 @@
+"""LayerNorm + adaLN modulation, and the gated residual that precedes it, as one pass over each row.
+
+Contracts: kernels/reference.py (`ln_modulate`, `ln_modulate2`, `gated_residual_ln_modulate`, `gated_residual`).
+x, y: (B, L, D) with a contiguous last dimension (other strides are free); shift/scale/gate: (B, D), typically the
+strided views `mods[:, j]` of the batched modulation tensor (row stride = all blocks' modulation width). One program
+normalises one row (b, l) held whole in registers: BLOCK_D = next_power_of_2(D) with the tail masked, fp32 math,
+results stored in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import check_shape, check_tensor, unit_last_stride
+
+EPS = 1e-6
+MAX_D = 16384  # a whole row lives in registers; beyond this it would spill
+
+
+@triton.jit
+def _layer_norm_row(x, mask, D, eps):
+    """LayerNorm (no affine) of one fp32 row; masked lanes must hold 0 and come out as 0."""
+    mean = tl.sum(x, axis=0) / D
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / D
+    return xc * tl.rsqrt(var + eps)
+
+
+@triton.jit
+def _ln_modulate_kernel(
+    X, SHIFT1, SCALE1, SHIFT2, SCALE2, OUT1, OUT2,
+    L, D,
+    stride_xb, stride_xl, stride_shift1, stride_scale1, stride_shift2, stride_scale2, stride_ob, stride_ol,
+    eps,
+    TWO: tl.constexpr,  # also write LN(x) * (1 + scale2) + shift2 to OUT2
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = (row // L).to(tl.int64)
+    l = (row % L).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+
+    x = tl.load(X + b * stride_xb + l * stride_xl + cols, mask=mask, other=0.0).to(tl.float32)
+    h = _layer_norm_row(x, mask, D, eps)
+    out = b * stride_ob + l * stride_ol + cols
+
+    shift = tl.load(SHIFT1 + b * stride_shift1 + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE1 + b * stride_scale1 + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT1 + out, (h * (1.0 + scale) + shift).to(OUT1.dtype.element_ty), mask=mask)
+    if TWO:
+        shift2 = tl.load(SHIFT2 + b * stride_shift2 + cols, mask=mask, other=0.0).to(tl.float32)
+        scale2 = tl.load(SCALE2 + b * stride_scale2 + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT2 + out, (h * (1.0 + scale2) + shift2).to(OUT2.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_residual_ln_modulate_kernel(
+    X, Y, GATE, Y2, GATE2, SHIFT, SCALE, X_NEW, H,
+    L, D,
+    stride_xb, stride_xl, stride_yb, stride_yl, stride_y2b, stride_y2l,
+    stride_gate, stride_gate2, stride_shift, stride_scale, stride_ob, stride_ol,
+    eps,
+    HAS_Y2: tl.constexpr,
+    NORM: tl.constexpr,  # False: only x_new = x + gate * y (gated_residual)
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = (row // L).to(tl.int64)
+    l = (row % L).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+
+    x = tl.load(X + b * stride_xb + l * stride_xl + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + b * stride_yb + l * stride_yl + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    x_new = x + gate * y
+    if HAS_Y2:
+        y2 = tl.load(Y2 + b * stride_y2b + l * stride_y2l + cols, mask=mask, other=0.0).to(tl.float32)
+        gate2 = tl.load(GATE2 + b * stride_gate2 + cols, mask=mask, other=0.0).to(tl.float32)
+        x_new = x_new + gate2 * y2
+    # The residual is stored in the input dtype, and the norm reads it as stored (as the next block would).
+    x_new = x_new.to(X_NEW.dtype.element_ty)
+    out = b * stride_ob + l * stride_ol + cols
+    tl.store(X_NEW + out, x_new, mask=mask)
+    if NORM:
+        h = _layer_norm_row(x_new.to(tl.float32), mask, D, eps)
+        shift = tl.load(SHIFT + b * stride_shift + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(H + out, (h * (1.0 + scale) + shift).to(H.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers: validate, allocate the outputs, launch one program per row.
+
+
+def _row_launch(D: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) for rows of width D."""
+    block_d = triton.next_power_of_2(D)
+    return block_d, min(max(block_d // 256, 1), 8)
+
+
+def _check_rows(op: str, x) -> tuple[int, int, int]:
+    check_tensor(op, "x", x, 3)
+    if x.shape[-1] > MAX_D:
+        raise ValueError(f"{op}: hidden size {x.shape[-1]} is larger than the {MAX_D} this kernel keeps in registers")
+    return tuple(x.shape)
+
+
+def _check_mods(op: str, x: torch.Tensor, **mods) -> dict[str, torch.Tensor]:
+    """(B, D) modulation vectors with the dtype and device of x, last dimension made contiguous if it is not."""
+    B, _, D = x.shape
+    checked = {}
+    for name, t in mods.items():
+        check_tensor(op, name, t, 2, x.dtype, x.device)
+        check_shape(op, name, t, (B, D))
+        checked[name] = unit_last_stride(t)
+    return checked
+
+
+def _check_like_x(op: str, name: str, x: torch.Tensor, t) -> torch.Tensor:
+    check_tensor(op, name, t, 3, x.dtype, x.device)
+    check_shape(op, name, t, x.shape)
+    return unit_last_stride(t)
+
+
+def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LayerNorm(x; no affine, eps 1e-6) * (1 + scale) + shift, in x's dtype."""
+    op = "ln_modulate"
+    B, L, D = _check_rows(op, x)
+    m = _check_mods(op, x, shift=shift, scale=scale)
+    x = unit_last_stride(x)
+    out = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    _launch_ln_modulate(x, (m["shift"], m["scale"]), None, out, None)
+    return out
+
+
+def ln_modulate2(x, shift1, scale1, shift2, scale2) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LayerNorm of x, two modulations: (LN(x)*(1+scale1)+shift1, LN(x)*(1+scale2)+shift2)."""
+    op = "ln_modulate2"
+    B, L, D = _check_rows(op, x)
+    m = _check_mods(op, x, shift1=shift1, scale1=scale1, shift2=shift2, scale2=scale2)
+    x = unit_last_stride(x)
+    out1 = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    out2 = torch.empty_like(out1)
+    _launch_ln_modulate(x, (m["shift1"], m["scale1"]), (m["shift2"], m["scale2"]), out1, out2)
+    return out1, out2
+
+
+def _launch_ln_modulate(x, mod1, mod2, out1, out2):
+    B, L, D = x.shape
+    if out1.numel() == 0:
+        return
+    block_d, num_warps = _row_launch(D)
+    two = mod2 is not None
+    shift2, scale2 = mod2 if two else mod1  # unused placeholders when TWO is off
+    out2 = out2 if two else out1
+    _ln_modulate_kernel[(B * L,)](
+        x, mod1[0], mod1[1], shift2, scale2, out1, out2,
+        L, D,
+        x.stride(0), x.stride(1), mod1[0].stride(0), mod1[1].stride(0), shift2.stride(0), scale2.stride(0),
+        out1.stride(0), out1.stride(1),
+        EPS,
+        TWO=two, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+
+
+def gated_residual_ln_modulate(x, y, gate, shift, scale, y2=None, gate2=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_new = x + gate*y (+ gate2*y2), rounded to x's dtype; h = LN(x_new)*(1+scale)+shift. Returns (x_new, h)."""
+    op = "gated_residual_ln_modulate"
+    if (y2 is None) != (gate2 is None):
+        raise ValueError(f"{op}: y2 and gate2 must be given together")
+    B, L, D = _check_rows(op, x)
+    y = _check_like_x(op, "y", x, y)
+    mods = dict(gate=gate, shift=shift, scale=scale)
+    if y2 is not None:
+        y2 = _check_like_x(op, "y2", x, y2)
+        mods["gate2"] = gate2
+    m = _check_mods(op, x, **mods)
+    x = unit_last_stride(x)
+    x_new = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x_new)
+    _launch_gated_residual(x, y, m["gate"], y2, m.get("gate2"), (m["shift"], m["scale"]), x_new, h)
+    return x_new, h
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate * y, in x's dtype (a new tensor)."""
+    op = "gated_residual"
+    B, L, D = _check_rows(op, x)
+    y = _check_like_x(op, "y", x, y)
+    gate = _check_mods(op, x, gate=gate)["gate"]
+    x = unit_last_stride(x)
+    out = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    _launch_gated_residual(x, y, gate, None, None, None, out, None)
+    return out
+
+
+def _launch_gated_residual(x, y, gate, y2, gate2, mod, x_new, h):
+    B, L, D = x.shape
+    if x_new.numel() == 0:
+        return
+    block_d, num_warps = _row_launch(D)
+    has_y2, norm = y2 is not None, mod is not None
+    # Placeholders for the pointers a constexpr flag switches off; the kernel never reads them.
+    y2, gate2 = (y2, gate2) if has_y2 else (y, gate)
+    shift, scale = mod if norm else (gate, gate)
+    h = h if norm else x_new
+    _gated_residual_ln_modulate_kernel[(B * L,)](
+        x, y, gate, y2, gate2, shift, scale, x_new, h,
+        L, D,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), y2.stride(0), y2.stride(1),
+        gate.stride(0), gate2.stride(0), shift.stride(0), scale.stride(0), x_new.stride(0), x_new.stride(1),
+        EPS,
+        HAS_Y2=has_y2, NORM=norm, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip

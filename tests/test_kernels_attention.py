@@ -1,0 +1,176 @@
+"""joint_attention kernel against kernels/reference.py (CPU: Triton interpreter; GPU: compiled and autotuned)."""
+
+import pytest
+import torch
+from kernel_tolerance import DEVICE, assert_within_tolerance, randn
+
+from fastsd35.kernels import joint_attention as kern
+from fastsd35.kernels import reference as ref
+
+DTYPES = [torch.float32, torch.float16]
+# (B, H, L, Dh, n_ctx). Under the interpreter the tiles are 32 x 32 (kern._configs()).
+CASES = [
+    (2, 2, 64 + 77, 64, 77),  # joint: the tile of rows 64..95 straddles n_ctx = 77; 13 keys in the last tile
+    (1, 2, 64 + 77, 64, 0),  # x-only second attention: out_ctx is None
+    (2, 1, 96, 128, 32),  # L a multiple of the tile (no key tail), n_ctx on a tile boundary, Dh 128
+    (1, 1, 45, 128, 45),  # context only: out_x has no rows
+    (1, 1, 7, 64, 3),  # shorter than one tile
+]
+
+
+def padded_output(B, rows, width, dtype):
+    """A NaN-filled (B, rows, width) view into a larger NaN buffer: every row must be written, nothing around it."""
+    buf = torch.full((B, rows + 2, width + 8), float("nan"), dtype=dtype, device=DEVICE)
+    return buf, buf[:, 1 : 1 + rows, :width]
+
+
+def check_untouched_padding(buf, rows, width):
+    inside = torch.zeros_like(buf, dtype=torch.bool)
+    inside[:, 1 : 1 + rows, :width] = True
+    assert buf[~inside].isnan().all(), "wrote outside the output view"
+
+
+def run(q, k, v, n_ctx):
+    """(ctx, x) outputs of the kernel, written into padded NaN views."""
+    B, H, L, Dh = q.shape
+    ctx_buf, out_ctx = padded_output(B, n_ctx, H * Dh, q.dtype)
+    x_buf, out_x = padded_output(B, L - n_ctx, H * Dh, q.dtype)
+    kern.joint_attention(q, k, v, out_ctx if n_ctx else None, out_x, n_ctx)
+    check_untouched_padding(ctx_buf, n_ctx, H * Dh)
+    check_untouched_padding(x_buf, L - n_ctx, H * Dh)
+    return out_ctx, out_x
+
+
+def qkv(B, H, L, Dh, dtype):
+    return [randn((B, H, L, Dh), dtype, seed) for seed in range(3)]
+
+
+def reference(q, k, v, n_ctx):
+    """(ctx, x) outputs of the reference op, in q's dtype."""
+    B, H, L, Dh = q.shape
+    out_ctx = torch.empty(B, n_ctx, H * Dh, dtype=q.dtype, device=q.device)
+    out_x = torch.empty(B, L - n_ctx, H * Dh, dtype=q.dtype, device=q.device)
+    ref.joint_attention(q, k, v, out_ctx if n_ctx else None, out_x, n_ctx)
+    return out_ctx, out_x
+
+
+def check(q, k, v, n_ctx):
+    """The tolerance rule for both outputs; returns the kernel's errors. The truth is the reference in fp32, or in
+    fp64 for fp32 inputs: an fp32 truth would be the baseline itself, and on GPU fp32 SDPA may not be exact fp32."""
+    out_ctx, out_x = run(q, k, v, n_ctx)
+    truth_dtype = torch.float64 if q.dtype == torch.float32 else torch.float32
+    truth = reference(q.to(truth_dtype), k.to(truth_dtype), v.to(truth_dtype), n_ctx)
+    plain = reference(q, k, v, n_ctx)  # the reference's attention is SDPA in the input dtype: the baseline
+    errors = []
+    for name, out, base, t in zip(("ctx", "x"), (out_ctx, out_x), plain, truth):
+        if out.numel():
+            errors.append(assert_within_tolerance(out, base, t, name))
+    return errors
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_joint_attention(case, dtype):
+    B, H, L, Dh, n_ctx = case
+    check(*qkv(B, H, L, Dh, dtype), n_ctx)
+
+
+def test_peaked_scores():
+    """Large scores (std 16: a peaked softmax) exercise the running-max rescaling: no overflow, still accurate."""
+    B, H, L, Dh = 1, 2, 70, 64
+    q, k, v = qkv(B, H, L, Dh, torch.float32)
+    check(q * 4, k * 4, v, 30)
+
+
+def test_strided_inputs():
+    """q/k/v as views of a (B, L, 3, H, Dh) tensor (not contiguous per head) give the contiguous result."""
+    B, H, L, Dh = 1, 2, 40, 64
+    packed = randn((B, L, 3, H, Dh), torch.float32, 0)
+    q, k, v = (t.transpose(1, 2) for t in packed.unbind(2))
+    assert not q.is_contiguous()
+    strided = run(q, k, v, 9)
+    contiguous = run(q.contiguous(), k.contiguous(), v.contiguous(), 9)
+    for a, b in zip(strided, contiguous):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- launcher errors ----------------------------------------------------------------------------------------------
+
+
+def _outputs(B=1, H=2, L=20, Dh=64, n_ctx=5, dtype=torch.float32):
+    f = dict(dtype=dtype, device=DEVICE)
+    return torch.empty(B, n_ctx, H * Dh, **f), torch.empty(B, L - n_ctx, H * Dh, **f)
+
+
+def test_error_n_ctx():
+    q, k, v = qkv(1, 2, 20, 64, torch.float32)
+    out_ctx, out_x = _outputs()
+    with pytest.raises(ValueError, match=r"n_ctx must be an int in \[0, L=20\], got 21"):
+        kern.joint_attention(q, k, v, out_ctx, out_x, 21)
+    with pytest.raises(ValueError, match="out_ctx is None but n_ctx = 5 rows need somewhere to go"):
+        kern.joint_attention(q, k, v, None, out_x, 5)
+
+
+def test_error_output_shapes():
+    q, k, v = qkv(1, 2, 20, 64, torch.float32)
+    out_ctx, out_x = _outputs()
+    with pytest.raises(ValueError, match=r"out_x must have shape \(1, 15, 128\), got \(1, 14, 128\)"):
+        kern.joint_attention(q, k, v, out_ctx, out_x[:, :14], 5)
+    with pytest.raises(ValueError, match=r"out_ctx must have shape \(1, 5, 128\), got \(1, 4, 128\)"):
+        kern.joint_attention(q, k, v, out_ctx[:, :4], out_x, 5)
+    with pytest.raises(ValueError, match="out_x must have a contiguous last dimension"):
+        kern.joint_attention(q, k, v, out_ctx, out_x.transpose(1, 2).contiguous().transpose(1, 2), 5)
+
+
+def test_error_mismatched_inputs():
+    q, k, v = qkv(1, 2, 20, 64, torch.float32)
+    out_ctx, out_x = _outputs()
+    with pytest.raises(ValueError, match=r"k must have shape \(1, 2, 20, 64\), got \(1, 2, 19, 64\)"):
+        kern.joint_attention(q, k[:, :, :19], v, out_ctx, out_x, 5)
+    with pytest.raises(ValueError, match="v has dtype torch.float16, expected torch.float32"):
+        kern.joint_attention(q, k, v.half(), out_ctx, out_x, 5)
+    with pytest.raises(ValueError, match="out_x has dtype torch.float16"):
+        kern.joint_attention(q, k, v, out_ctx, out_x.half(), 5)
+
+
+def test_error_head_dim():
+    q, k, v = qkv(1, 2, 20, 32, torch.float32)
+    out_ctx, out_x = _outputs(Dh=32)
+    with pytest.raises(ValueError, match="head dim 32 is not supported"):
+        kern.joint_attention(q, k, v, out_ctx, out_x, 5)
+
+
+# -- GPU: bf16, the autotuned configs, the released sizes ----------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [
+        (2, 38, 4096 + 154, 64, 154),  # SD3.5 Large, 1024x1024, T5 154 tokens
+        (2, 38, 4096 + 333, 64, 333),  # a longer prompt
+        (2, 24, 4096, 64, 0),  # SD3.5 Medium's x-only second attention
+        (2, 12, 1024 + 77, 128, 77),  # Dh 128
+    ],
+    ids=str,
+)
+def test_real_size_gpu(case, dtype):
+    B, H, L, Dh, n_ctx = case
+    check(*qkv(B, H, L, Dh, dtype), n_ctx)
+
+
+@pytest.mark.gpu
+def test_fp32_is_ieee_gpu():
+    """fp32 dots run in full fp32 (input_precision="ieee"): TF32 would be ~1e-3 off, far above the 1e-5 floor."""
+    B, H, L, Dh, n_ctx = 1, 4, 1024 + 77, 64, 77
+    assert max(check(*qkv(B, H, L, Dh, torch.float32), n_ctx)) <= 1e-5  # against fp64, whatever SDPA's error
+
+
+@pytest.mark.gpu
+def test_autotuned_gpu():
+    """On GPU the kernel is autotuned over several configs and picks one of them for the (L, Dh) key."""
+    configs = kern._joint_attention_kernel.configs
+    assert len(configs) > 1
+    check(*qkv(1, 2, 1000, 64, torch.float16), 10)
+    assert kern._joint_attention_kernel.best_config in configs
