@@ -216,34 +216,58 @@ def _first_line(e: Exception) -> str:
     return (text[0] if text else type(e).__name__)[:160]
 
 
+_TOKENIZER_FILES = {"clip": (("tokenizer.json",), ("vocab.json", "merges.txt")), "t5": (("tokenizer.json",), ("spiece.model",))}
+_HUB_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+              "merges.txt", "spiece.model"]
+
+
+def _has_files(folder: Path, kind: str) -> bool:
+    return any(all((folder / f).is_file() for f in files) for files in _TOKENIZER_FILES[kind])
+
+
 def find_tokenizer(kind: str, folders: Sequence[Path]):
     """A CLIP or T5 tokenizer from the first of: `folders` (in order), the local Hugging Face cache, the Hub (unless
-    offline). Raises FastSD35Error listing every place tried and why it failed."""
+    offline). Raises FastSD35Error listing every place tried and why it failed. (Folders are checked for tokenizer
+    files first: transformers quietly builds an empty tokenizer from a folder or repo that has none.)"""
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
     from transformers import CLIPTokenizerFast, T5TokenizerFast
 
     cls, repo = (CLIPTokenizerFast, CLIP_REPO) if kind == "clip" else (T5TokenizerFast, T5_REPO)
+    files = " or ".join("+".join(group) for group in _TOKENIZER_FILES[kind])
     tried = []
+
+    def load(folder: Path, where: str):
+        if not _has_files(folder, kind):
+            tried.append(f"{where} (no {files})")
+            return None
+        try:
+            return cls.from_pretrained(str(folder), local_files_only=True)
+        except Exception as e:  # transformers raises OSError, ValueError, ... for broken files
+            tried.append(f"{where} (unreadable: {_first_line(e)})")
+            return None
+
     for folder in folders:
         if not folder.is_dir():
             tried.append(f"{folder} (no such folder)")
-            continue
-        try:
-            return cls.from_pretrained(str(folder), local_files_only=True)
-        except Exception as e:  # transformers raises OSError, ValueError, ... for a broken folder
-            tried.append(f"{folder} (unreadable: {_first_line(e)})")
+        elif (tok := load(folder, str(folder))) is not None:
+            return tok
     cache = hf_cache_dir()
-    try:
-        return cls.from_pretrained(repo, cache_dir=str(cache), local_files_only=True)
-    except Exception:
+    cached = [try_to_load_from_cache(repo, f, cache_dir=str(cache)) for group in _TOKENIZER_FILES[kind] for f in group]
+    snapshot = next((Path(c).parent for c in cached if isinstance(c, str)), None)
+    if snapshot is None:
         tried.append(f"the Hugging Face cache {cache} (no {repo})")
+    elif (tok := load(snapshot, f"the Hugging Face cache {snapshot}")) is not None:
+        return tok
     if hf_offline():
         tried.append("the Hugging Face Hub (not tried: HF_HUB_OFFLINE is set)")
     else:
         try:
-            return cls.from_pretrained(repo, cache_dir=str(cache))
-        except Exception as e:
+            snapshot = Path(snapshot_download(repo, allow_patterns=_HUB_FILES, cache_dir=str(cache)))
+        except Exception as e:  # no network, no such repo, ...
             tried.append(f"the Hugging Face Hub ({_first_line(e)})")
-    files = "vocab.json and merges.txt" if kind == "clip" else "spiece.model"
+        else:
+            if (tok := load(snapshot, f"the Hugging Face Hub download {snapshot}")) is not None:
+                return tok
     raise FastSD35Error(
         f"no {kind.upper()} tokenizer found; looked in: {'; '.join(tried)}. Put its files ({files}) in "
         f"{folders[0] if folders else 'a tokenizer folder beside the model'}, or run once online to cache {repo}"
