@@ -9,7 +9,14 @@ import torch
 from safetensors.torch import save_file
 from transformers import T5EncoderModel
 
-from fastsd35.conditioning import TextEncoders, load_text_encoders, t5_config, tiny_text_encoders
+from fastsd35.conditioning import (
+    TextEncoders,
+    clip_config_from_shapes,
+    load_text_encoders,
+    t5_config,
+    t5_config_from_shapes,
+    tiny_text_encoders,
+)
 from fastsd35.errors import CheckpointError, FastSD35Error
 from fastsd35.tiny import randomize_
 from fastsd35.tokenization import CLIP_REPO, T5_REPO, clip_chunk, prompt_words
@@ -108,6 +115,37 @@ def test_outputs_are_the_reference_ones():
     longer = quiet_encode(enc, prompts[:1] + [" ".join(["Cat Dog Horse"] * 12)])[0]
     assert longer.shape[1] > short.shape[1]
     assert not torch.allclose(short[0, 77:80], longer[0, 77:80])
+
+
+def test_released_configs_follow_from_weight_shapes():
+    """The shapes of the real CLIP-L, CLIP-G and T5-v1.1-XXL (built on the meta device) give back their configs."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config
+
+    def shapes(cls, config):
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+
+    released = {
+        "clip_l": (768, 3072, 12, 12, "quick_gelu"),
+        "clip_g": (1280, 5120, 32, 20, "gelu"),
+    }
+    for role, (hidden, mlp, layers, heads, act) in released.items():
+        config = CLIPTextConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                                num_attention_heads=heads, projection_dim=hidden, hidden_act=act)
+        found = shapes(CLIPTextModelWithProjection, config)
+        if role == "clip_l":
+            del found["text_projection.weight"]  # as distributed
+        got = clip_config_from_shapes(found, role)
+        assert (got.vocab_size, got.max_position_embeddings, got.hidden_size, got.intermediate_size) == (49408, 77, hidden, mlp)
+        assert (got.num_hidden_layers, got.num_attention_heads, got.hidden_act, got.eos_token_id) == (layers, heads, act, 49407)
+    config = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    found = shapes(T5EncoderModel, config)
+    del found["encoder.embed_tokens.weight"]
+    got = t5_config_from_shapes(found)
+    assert (got.vocab_size, got.d_model, got.d_kv, got.d_ff, got.num_layers, got.num_heads) == (32128, 4096, 64, 10240, 24, 64)
+    assert (got.relative_attention_num_buckets, got.relative_attention_max_distance, got.dense_act_fn) == (32, 128, "gelu_new")
+    assert got.is_gated_act and got.layer_norm_epsilon == 1e-6
 
 
 # -- tokenization ------------------------------------------------------------------------------------------------
