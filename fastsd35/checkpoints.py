@@ -214,10 +214,11 @@ class DiffusersTransformerSource:
         self.close()
 
 
-def diffusers_weight_headers(folder: Path) -> dict[Path, dict]:
-    """The safetensors headers of a diffusers model folder's weight files (one file, or shards with an index)."""
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    single = folder / "diffusion_pytorch_model.safetensors"
+def diffusers_weight_headers(folder: Path, stem: str = "diffusion_pytorch_model") -> dict[Path, dict]:
+    """The safetensors headers of a diffusers model folder's weight files (one file, or shards with an index).
+    `stem` is the weight file name without extension: diffusers models use the default, transformers models `model`."""
+    index = folder / f"{stem}.safetensors.index.json"
+    single = folder / f"{stem}.safetensors"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -234,8 +235,7 @@ def diffusers_weight_headers(folder: Path) -> dict[Path, dict]:
     if pickles:
         raise CheckpointError(f"{folder}: only pickle weights found ({', '.join(pickles)}); fastsd35 only reads .safetensors")
     raise CheckpointError(
-        f"{folder}: no diffusers weights: expected diffusion_pytorch_model.safetensors or a sharded "
-        "diffusion_pytorch_model.safetensors.index.json"
+        f"{folder}: no diffusers weights: expected {stem}.safetensors or a sharded {stem}.safetensors.index.json"
     )
 
 
