@@ -113,7 +113,7 @@ PRESETS: dict[str, Preset] = {
             shift=3.0, steps=4, cfg=1.0, sampler="euler", description="SD3.5 Large Turbo (8B, distilled, 4 steps)",
         ),
         Preset(
-            "tiny", "custom", (),
+            "tiny", "custom", ("tiny.safetensors",),
             shift=3.0, steps=8, cfg=4.5, sampler="dpmpp_2m", width=256, height=256,
             description="random-weight model built in code, for self-tests; needs no downloads",
         ),

@@ -49,7 +49,7 @@ def img2img_sigmas(sigmas: torch.Tensor, denoise: float) -> torch.Tensor:
 
 def make_noise(seed: int, batch: int, shape: Sequence[int]) -> torch.Tensor:
     """(batch, *shape) float32 noise on the CPU; image i is drawn from a generator seeded with seed + i, so a seed
-    gives the same image on any device and at any batch size."""
+    gives the same noise on any device and at any batch size."""
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(seed + i)) for i in range(batch)])
 
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .model import FastMMDiTX, MMDiTXConfig
+
 _WEIGHTED = (nn.Linear, nn.Conv2d, nn.Embedding)
+
+# depth 2 (hidden 128, 2 heads), up to 1024 px, with qk-norm and one MMDiT-X block so every op runs.
+TINY_MMDITX_CONFIG = MMDiTXConfig(
+    depth=2, pos_embed_max_size=64, context_dim=64, adm_in_channels=64, qk_norm="rms", x_block_self_attn_layers=(0,)
+)
 
 
 @torch.no_grad()
@@ -32,3 +40,42 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
                 r *= 0.5
             t.copy_(r)
     return module
+
+
+def tiny_components(seed: int = 0, *, device="cpu", dtype=torch.float32, t5: bool = True, t5_tokens: int = 256):
+    """The `tiny` preset's transformer, VAE and text encoders: every stage of the real pipeline, random weights,
+    seconds on a CPU, no files. Context width 64 and pooled width 64 match the tiny text encoders."""
+    from .conditioning import TextEncoders, tiny_text_encoders  # these use randomize_: imported here, not at the top
+    from .vae import TINY_VAE_CONFIG, SDVAE
+
+    transformer = randomize_(FastMMDiTX(TINY_MMDITX_CONFIG), seed)
+    vae = randomize_(SDVAE(TINY_VAE_CONFIG), seed + 1)
+    text = tiny_text_encoders(seed + 2, t5_tokens=t5_tokens)
+    if not t5:
+        text = TextEncoders(text.clip_l, text.clip_g, None, text.tokenizer_l, text.tokenizer_g, t5_tokens=t5_tokens,
+                            t5_width=TINY_MMDITX_CONFIG.context_dim)
+    transformer = transformer.to(device, dtype).eval().requires_grad_(False)
+    vae = vae.to(device, dtype).eval().requires_grad_(False)
+    return transformer, vae, text.to(device)
+
+
+def write_tiny_model(folder, seed: int = 0) -> Path:
+    """Write the tiny model as the official release lays out a model folder: `tiny.safetensors` (transformer and
+    VAE), `clip_l.safetensors`, `clip_g.safetensors`, `t5xxl_fp16.safetensors`, and tokenizer/, tokenizer_2/,
+    tokenizer_3/. Loading it back (`--preset tiny --model folder`) runs the real loading path end to end."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    transformer, vae, text = tiny_components(seed)
+
+    def tensors(module, prefix=""):  # contiguous copies: safetensors refuses shared or strided storage
+        return {prefix + k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+
+    save_file(tensors(transformer, "model.diffusion_model.") | tensors(vae, "first_stage_model."), str(folder / "tiny.safetensors"))
+    save_file(tensors(text.clip_l), str(folder / "clip_l.safetensors"))
+    save_file(tensors(text.clip_g), str(folder / "clip_g.safetensors"))
+    save_file(tensors(text.t5), str(folder / "t5xxl_fp16.safetensors"))
+    for name, tokenizer in (("tokenizer", text.tokenizer_l), ("tokenizer_2", text.tokenizer_g), ("tokenizer_3", text.tokenizer_t5)):
+        tokenizer.save_pretrained(folder / name)
+    return folder

@@ -1,0 +1,225 @@
+"""The generation pipeline: load -> encode -> sample -> decode (DESIGN.md "The data path")."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from . import tiny
+from .checkpoints import default_device, default_dtype, find_model_files, load_transformer, transformer_config
+from .conditioning import TextEncoders, load_text_encoders
+from .errors import CheckpointError, FastSD35Error
+from .model import FastMMDiTX, MMDiTX
+from .presets import Preset, Settings, get_preset
+from .sampling import CFGDenoiser, get_sigmas, img2img_sigmas, initial_latent, make_noise, sample
+from .vae import SDVAE, image_to_tensor, load_vae, process_in, process_out, tensor_to_images
+
+# What the text encoders need on the GPU in bf16 (T5-XXL ~9.5 GB, CLIP-G ~1.4 GB, CLIP-L ~0.25 GB), and what
+# sampling at 1024^2 needs beside the weights: below this much free memory they run on the CPU.
+TEXT_ENCODER_BYTES = {True: 11.2e9, False: 1.7e9}  # keyed by "with T5"
+SAMPLING_HEADROOM_BYTES = 6e9
+OOM_HINTS = {
+    "load": ("loading", "use --dtype bf16 or fp16, or a GPU with more memory"),
+    "encode": ("encoding the prompts", "use --text-encoder-device cpu or --no-t5"),
+    "sample": ("sampling", "lower --batch-size or --width/--height"),
+    "decode": ("decoding", "lower --batch-size"),
+}
+
+
+@dataclass
+class Generation:
+    """What a call produced and how: enough to write the images with their metadata."""
+
+    images: list[Image.Image]
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    settings: Settings
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class TransformerPass:
+    """One transformer evaluation for the denoiser: v = model(x, t, y, context) on the model's device."""
+
+    def __init__(self, transformer: MMDiTX):
+        self.transformer = transformer
+
+    def __call__(self, x, t, y, context, *, skip_layers=(), controlnet=True):
+        device = self.transformer.device
+        return self.transformer(x.to(device), t.to(device), y, context, skip_layers=skip_layers)
+
+
+class Pipeline:
+    """Text (and optionally an init image) to images with one SD3/SD3.5 model and a preset's settings."""
+
+    def __init__(self, transformer: MMDiTX, vae: SDVAE, text_encoders: TextEncoders, preset: Preset | str):
+        self.transformer, self.vae, self.text_encoders = transformer, vae, text_encoders
+        self.preset = get_preset(preset) if isinstance(preset, str) else preset
+        self.model_pass = TransformerPass(transformer)
+        self.timings: dict[str, float] = {}
+
+    # -- construction ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        preset: Preset | str,
+        *,
+        dtype: torch.dtype | None = None,
+        device=None,
+        t5: bool = True,
+        t5_tokens: int = 256,
+        text_encoder_device: str = "auto",
+        fast: bool = True,
+    ) -> "Pipeline":
+        """Load from an official single file, a folder laid out as the official release, or a diffusers folder.
+        `fast` runs the transformer on the Triton kernels (FastMMDiTX). Text encoders go on the GPU when they fit
+        beside the transformer (`text_encoder_device="auto"`), else on the CPU."""
+        preset = get_preset(preset) if isinstance(preset, str) else preset
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        files = find_model_files(model, preset)
+        variant = transformer_config(files.transformer).variant  # checked from the header, before loading
+        if preset.variant != "custom" and variant != preset.variant:
+            raise CheckpointError(
+                f"{files.transformer}: holds a {variant} transformer, but preset '{preset.name}' needs "
+                f"{preset.variant}: pass the matching --preset or checkpoint"
+            )
+        timings = {}
+        with _stage("load", timings, device):
+            transformer = load_transformer(files.transformer, dtype=dtype, device=device, model_cls=FastMMDiTX if fast else MMDiTX)
+            vae = load_vae(files.vae, dtype=dtype, device=device)
+            te_device = _text_encoder_device(text_encoder_device, device, t5)
+            text = load_text_encoders(
+                files.text_encoders, device=te_device, dtype=default_dtype(te_device), t5=t5, t5_tokens=t5_tokens,
+                t5_width=transformer.config.context_dim,
+            )
+        pipe = cls(transformer, vae, text, preset)
+        pipe.timings.update(timings)
+        return pipe
+
+    @classmethod
+    def from_preset(cls, name: str = "tiny", *, device=None, dtype=None, seed: int = 0, t5: bool = True,
+                    t5_tokens: int = 256) -> "Pipeline":
+        """A pipeline whose components are built in code: only `tiny` (random weights, seconds on a CPU)."""
+        if name != "tiny":
+            raise FastSD35Error(f"preset {name!r} needs checkpoint files: use Pipeline.from_pretrained(model, {name!r})")
+        device = torch.device(device) if device is not None else default_device()
+        timings = {}
+        with _stage("load", timings, device):
+            transformer, vae, text = tiny.tiny_components(
+                seed, device=device, dtype=dtype or default_dtype(device), t5=t5, t5_tokens=t5_tokens
+            )
+        pipe = cls(transformer, vae, text, "tiny")
+        pipe.timings.update(timings)
+        return pipe
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def max_pixels(self) -> int:
+        """The largest width/height the transformer's position table allows."""
+        cfg = self.transformer.config
+        return cfg.pos_embed_max_size * cfg.patch_size * 8
+
+    # -- generation --------------------------------------------------------------------------------------------
+
+    def __call__(self, prompt, negative_prompt="", **kwargs) -> list[Image.Image]:
+        return self.generate(prompt, negative_prompt, **kwargs).images
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        *,
+        seed: int = 23,
+        steps: int | None = None,
+        cfg: float | None = None,
+        shift: float | None = None,
+        sampler: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        init_image: Image.Image | None = None,
+        denoise: float = 0.8,
+        slg=None,
+        batch_size: int = 1,
+        progress: bool = True,
+    ) -> Generation:
+        """One batch: a prompt repeated `batch_size` times, or a list of prompts (one image each). Image i uses
+        seed + i. Unset settings come from the preset; `slg` is None (preset default), False, True or SLGConfig."""
+        prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if not prompts or len(negatives) != len(prompts):
+            raise FastSD35Error(f"got {len(prompts)} prompts and {len(negatives)} negative prompts: give one negative per prompt")
+        s = self.preset.resolve(
+            steps=steps, cfg=cfg, shift=shift, sampler=sampler, width=width, height=height, slg=slg,
+            denoise=denoise if init_image is not None else 1.0, max_pixels=self.max_pixels,
+        )
+        if s.slg and max(s.slg.layers) >= self.transformer.depth:
+            raise FastSD35Error(f"skip-layer guidance layers {s.slg.layers} do not exist in a {self.transformer.depth}-block model")
+        B, timings, device = len(prompts), {}, self.device
+        seeds = [seed + i for i in range(B)]
+
+        with _stage("encode", timings, device):
+            guided = s.cfg > 1
+            context, pooled = self.text_encoders.encode(prompts + negatives if guided else prompts)
+            context, pooled = (t.to(device, self.transformer.dtype) for t in (context, pooled))
+            cond = (context[:B], pooled[:B])
+            uncond = (context[B:], pooled[B:]) if guided else None
+
+        with _stage("sample", timings, device):
+            sigmas = get_sigmas(s.shift, s.steps)
+            latent = None
+            if init_image is not None:
+                latent = self.encode_image(init_image, s.width, s.height, seed).expand(B, -1, -1, -1)
+                sigmas = img2img_sigmas(sigmas, s.denoise)
+            noise = make_noise(seed, B, (16, s.height // 8, s.width // 8))
+            x = initial_latent(sigmas[0], noise, latent).to(device)
+            denoiser = CFGDenoiser(self.model_pass, cond, uncond, s.cfg, s.steps, s.slg)
+            x = sample(s.sampler, denoiser, x, sigmas, progress)
+
+        with _stage("decode", timings, device):
+            images = tensor_to_images(self.vae.decode(process_out(x).to(self.vae.dtype)))
+        self.timings.update(timings)
+        return Generation(images, prompts, negatives, seeds, s, timings)
+
+    def encode_image(self, image: Image.Image, width: int, height: int, seed: int) -> torch.Tensor:
+        """Init image -> latent (1, 16, h, w) float32 on the CPU: resized to the output size, VAE posterior sampled
+        from a generator seeded in a stream no image's noise uses (seed + 2**32), then process_in."""
+        pixels = image_to_tensor(image, width, height).to(self.device, self.vae.dtype)
+        generator = torch.Generator("cpu").manual_seed(seed + (1 << 32))
+        return process_in(self.vae.encode(pixels, generator).float().cpu())
+
+
+@contextmanager
+def _stage(name: str, timings: dict, device: torch.device):
+    """Time a stage (synchronising CUDA so the figure is real) and turn out-of-memory into a clear user error."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        doing, hint = OOM_HINTS[name]
+        raise FastSD35Error(f"out of GPU memory while {doing}: {hint}") from None
+    sync()
+    timings[name] = time.perf_counter() - start
+
+
+def _text_encoder_device(requested: str, device: torch.device, t5: bool) -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if free > TEXT_ENCODER_BYTES[t5] + SAMPLING_HEADROOM_BYTES else torch.device("cpu")

@@ -1,0 +1,157 @@
+"""The Pipeline end to end on the tiny model: parity with diffusers' StableDiffusion3Pipeline built from the same
+components, determinism, loading from official and diffusers folders, and missing-file errors."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from PIL import Image
+from test_model import make_diffusers as diffusers_transformer
+from test_vae import make_diffusers as diffusers_vae
+
+import fastsd35.sampling
+from fastsd35 import CheckpointError, FastSD35Error
+from fastsd35.runner import Pipeline
+from fastsd35.sampling import SLGConfig, initial_latent, make_noise
+from fastsd35.tiny import write_tiny_model
+
+SMALL = dict(steps=4, width=64, height=48, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def cpu_user(monkeypatch, tmp_path):
+    """The reference ops, as on a user's CPU (the kernels are tested on their own), and no network or HF cache."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Pipeline.from_preset("tiny", device="cpu")
+
+
+def pixels(images):
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+def diffusers_pipeline(pipe: Pipeline) -> StableDiffusion3Pipeline:
+    text = pipe.text_encoders
+    return StableDiffusion3Pipeline(
+        transformer=diffusers_transformer(pipe.transformer),
+        vae=diffusers_vae(pipe.vae),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=pipe.preset.shift),
+        text_encoder=text.clip_l, tokenizer=text.tokenizer_l,
+        text_encoder_2=text.clip_g, tokenizer_2=text.tokenizer_g,
+        text_encoder_3=text.t5, tokenizer_3=text.tokenizer_t5,
+    )  # fmt: skip
+
+
+def run_both(tiny, prompts, seed):
+    ours = tiny.generate(prompts, "blurry", seed=seed, sampler="euler", cfg=4.5, **SMALL)
+    latents = initial_latent(torch.tensor(1.0), make_noise(seed, len(prompts), (16, 6, 8)))
+    with torch.no_grad():
+        ref = diffusers_pipeline(tiny)(
+            prompts, negative_prompt=["blurry"] * len(prompts), num_inference_steps=4, guidance_scale=4.5,
+            height=48, width=64, latents=latents, max_sequence_length=77, output_type="np",
+        ).images  # fmt: skip
+    return pixels(ours.images), (np.clip(ref, 0, 1) * 255).astype(np.int16)  # truncated like ours
+
+
+def test_matches_diffusers_pipeline(tiny, monkeypatch):
+    """Euler, cfg 4.5, T5 length 77 on both sides, the same initial latents. diffusers feeds the model fp32 sigmas;
+    with ours fed the same (instead of the reference's fp16-rounded ones) the images agree to one level in 255."""
+    monkeypatch.setattr(fastsd35.sampling, "model_sigma", lambda sigma: sigma)
+    ours, ref = run_both(tiny, ["a red cube on a table", "two cats"], seed=11)
+    assert ours.std() > 10  # a real image, not a flat one
+    diff = np.abs(ours - ref)
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def test_reference_sigma_rounding_is_a_small_visible_difference(tiny):
+    ours, ref = run_both(tiny, ["two cats"], seed=11)
+    diff = np.abs(ours - ref)
+    assert 0 < diff.max() <= 10 and diff.mean() < 2, (diff.max(), diff.mean())
+
+
+def test_same_seed_same_images_different_seed_different(tiny):
+    a = pixels(tiny("a house", seed=5, batch_size=2, **SMALL))
+    b = pixels(tiny("a house", seed=5, batch_size=2, **SMALL))
+    c = pixels(tiny("a house", seed=6, **SMALL))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[0], a[1])  # image i uses seed + i
+    assert np.abs(c[0] - a[1]).max() <= 1  # seed 6 alone is image 1 of the seed-5 batch (same noise)
+    assert np.abs(c[0] - a[0]).max() > 10
+
+
+def test_settings_and_negative_prompt_change_the_image(tiny):
+    base = pixels(tiny("a house", **SMALL))
+    assert np.abs(pixels(tiny("a house", "ugly", **SMALL)) - base).max() > 10
+    assert np.abs(pixels(tiny("a house", sampler="euler", **SMALL)) - base).max() > 10
+    assert np.abs(pixels(tiny("a house", cfg=1.0, **SMALL)) - base).max() > 10
+
+
+def test_img2img_and_slg(tiny):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    slg = SLGConfig(scale=2.5, start=0.0, end=0.5, layers=(0,))
+    gen = tiny.generate("a house", init_image=init, denoise=0.5, slg=slg, **SMALL)
+    assert gen.images[0].size == (64, 48) and gen.settings.denoise == 0.5 and gen.settings.slg == slg
+    plain = tiny.generate("a house", init_image=init, denoise=0.5, **SMALL)
+    assert np.abs(pixels(gen.images) - pixels(plain.images)).max() > 10
+    with pytest.raises(FastSD35Error, match=r"skip-layer guidance layers \(7, 8, 9\) do not exist in a 2-block model"):
+        tiny("a house", slg=True, **SMALL)
+
+
+def test_generation_reports_what_it_did(tiny):
+    gen = tiny.generate(["one", "two"], ["n1", "n2"], seed=3, **SMALL)
+    assert gen.seeds == [3, 4] and gen.prompts == ["one", "two"] and gen.negative_prompts == ["n1", "n2"]
+    assert set(gen.timings) == {"encode", "sample", "decode"} and gen.settings.steps == 4
+    with pytest.raises(FastSD35Error, match="got 2 prompts and 3 negative prompts"):
+        tiny.generate(["one", "two"], ["a", "b", "c"], **SMALL)
+
+
+def test_official_folder_loads_the_same_model(tmp_path, tiny):
+    folder = write_tiny_model(tmp_path / "models")
+    loaded = Pipeline.from_pretrained(folder, "tiny", device="cpu")
+    assert set(loaded.timings) == {"load"}
+    np.testing.assert_array_equal(pixels(loaded("a house", **SMALL)), pixels(tiny("a house", **SMALL)))
+
+
+def test_diffusers_folder_loads_the_same_model(tmp_path, tiny):
+    diffusers_pipeline(tiny).save_pretrained(tmp_path / "sd3-tiny")
+    loaded = Pipeline.from_pretrained(tmp_path / "sd3-tiny", "tiny", device="cpu")
+    np.testing.assert_array_equal(pixels(loaded("a house", **SMALL)), pixels(tiny("a house", **SMALL)))
+
+
+@pytest.mark.parametrize(
+    "remove, message",
+    [
+        ("clip_g.safetensors", "clip_g.safetensors"),
+        ("t5xxl_fp16.safetensors", "--no-t5"),
+        ("tokenizer_3", "tokenizer"),
+    ],
+)
+def test_missing_encoder_or_tokenizer_files(tmp_path, remove, message):
+    import shutil
+
+    folder = write_tiny_model(tmp_path / "models")
+    target = folder / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(FastSD35Error, match=message) as e:
+        Pipeline.from_pretrained(folder, "tiny", device="cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_no_t5_runs_without_its_files(tmp_path):
+    folder = write_tiny_model(tmp_path / "models")
+    (folder / "t5xxl_fp16.safetensors").unlink()
+    pipe = Pipeline.from_pretrained(folder, "tiny", device="cpu", t5=False)
+    assert pipe.text_encoders.t5 is None
+    assert len(pipe("a house", **SMALL)) == 1
+
+
+def test_preset_checkpoint_mismatch_is_caught_before_loading(tmp_path):
+    folder = write_tiny_model(tmp_path / "models")
+    (folder / "tiny.safetensors").rename(folder / "sd3.5_medium.safetensors")
+    with pytest.raises(CheckpointError, match=r"holds a custom transformer, but preset 'medium' needs sd3\.5_medium"):
+        Pipeline.from_pretrained(folder, "medium", device="cpu")
