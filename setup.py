@@ -17,9 +17,11 @@ setup(
         "tokenizers>=0.19",
         "sentencepiece>=0.2",
         "protobuf>=3.20",
+        "numpy>=1.24",
         "pillow>=10.0",
         "tqdm>=4.66",
     ],
+    entry_points={"console_scripts": ["fastsd35=fastsd35.cli:main"]},
     extras_require={
         "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "diffusers>=0.31"],
     },

@@ -1,0 +1,266 @@
+"""The command line: `fastsd35 run` turns prompts into PNGs.
+
+Every user mistake ends in one line on stderr and exit status 2, found before any model is loaded where possible,
+and never with a file written or overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import __version__
+from .checkpoints import transformer_config
+from .errors import FastSD35Error
+from .outputs import image_name, output_folder, png_bytes, read_record, write_png
+from .model import CONFIGS
+from .presets import PRESETS, Preset, Settings, get_preset
+from .sampling import SAMPLERS, SLGConfig
+from .tiny import TINY_MMDITX_CONFIG
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PRESET_OF_VARIANT = {"sd3_medium": "sd3_medium", "sd3.5_medium": "medium"}  # sd3.5_large: large or large_turbo
+MAX_T5_TOKENS = 512
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage block first)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastsd35", description="Fast, faithful Stable Diffusion 3 / 3.5.")
+    parser.add_argument("--version", action="version", version=f"fastsd35 {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = commands.add_parser("run", help="generate images from prompts", description="Generate images from prompts.")
+    what = run.add_argument_group("what to generate")
+    what.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (read from the checkpoint when it can be)")
+    what.add_argument("--model", help="checkpoint file, folder with the official files, or diffusers folder (default: models/)")
+    what.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    what.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line (blank lines skipped)")
+    what.add_argument("--negative-prompt", help='negative prompt (default: "")')
+    what.add_argument("--seed", type=int, help="seed of the first image (default 23); image i of a prompt uses seed+i")
+    what.add_argument("--batch-size", type=int, default=1, help="images per prompt, sampled together (default 1)")
+    what.add_argument("--from-png", type=Path, help="reproduce an image from the settings stored in its metadata")
+    how = run.add_argument_group("sampling (defaults from the preset)")
+    how.add_argument("--width", type=int)
+    how.add_argument("--height", type=int)
+    how.add_argument("--steps", type=int)
+    how.add_argument("--cfg", type=float, help="classifier-free guidance scale (<= 1 runs the cond pass only)")
+    how.add_argument("--shift", type=float, help="sigma schedule shift")
+    how.add_argument("--sampler", choices=SAMPLERS)
+    how.add_argument("--slg", action=argparse.BooleanOptionalAction, help="skip-layer guidance (on by default for medium)")
+    how.add_argument("--init-image", type=Path, help="img2img: start from this image")
+    how.add_argument("--denoise", type=float, help="img2img strength in (0, 1] (default 0.8)")
+    hw = run.add_argument_group("hardware and text encoding")
+    hw.add_argument("--dtype", choices=DTYPES, help="transformer/VAE precision (default bf16 on CUDA, fp32 on CPU)")
+    hw.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    hw.add_argument("--text-encoder-device", default="auto", help="where CLIP/T5 run: auto (GPU when it fits), cuda or cpu")
+    hw.add_argument("--t5-tokens", type=int, help="longest T5 prompt in tokens (default 256, max 512)")
+    hw.add_argument("--no-t5", action="store_true", default=None, help="do not load T5-XXL (zeros in its place)")
+    out = run.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default outputs/)")
+    out.add_argument("--overwrite", action="store_true", help="replace existing files instead of writing name-2.png")
+    run.set_defaults(handler=run_command)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except FastSD35Error as e:
+        print(f"fastsd35: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastsd35: interrupted", file=sys.stderr)
+        return 130
+
+
+# -- fastsd35 run -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked `fastsd35 run`: everything decided before any model is loaded."""
+
+    preset: Preset
+    model: Path
+    prompts: list[str]
+    negative_prompt: str
+    seed: int
+    batch_size: int
+    settings: Settings
+    init_image: Image.Image | None
+    init_image_path: Path | None
+    device: torch.device
+    dtype: torch.dtype | None
+    t5: bool
+    t5_tokens: int
+
+
+def run_command(args) -> int:
+    started = time.perf_counter()
+    job = plan(args)
+    with output_folder(args.out) as out:
+        pipe = load(job, args)
+        timings, written = dict(pipe.timings), []
+        for prompt in job.prompts:
+            gen = pipe.generate(
+                prompt, job.negative_prompt, seed=job.seed, batch_size=job.batch_size, init_image=job.init_image,
+                denoise=job.settings.denoise, steps=job.settings.steps, cfg=job.settings.cfg, shift=job.settings.shift,
+                sampler=job.settings.sampler, width=job.settings.width, height=job.settings.height,
+                slg=job.settings.slg or False,
+            )
+            for stage, seconds in gen.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + seconds
+            for image, seed in zip(gen.images, gen.seeds):
+                data = png_bytes(image, record(job, prompt, seed, pipe.transformer.dtype))
+                written.append(write_png(out, image_name(job.preset.name, prompt, seed), data, args.overwrite))
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+    print(f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.1f} s ({stages})")
+    return 0
+
+
+def plan(args) -> Job:
+    """Check every argument and input file that can be checked without loading a model."""
+    if args.from_png:
+        _fill_from_record(args, read_record(args.from_png))
+    model = Path(args.model or "models")
+    preset = get_preset(args.preset) if args.preset else _preset_from_checkpoint(model)
+    prompts = _prompts(args)
+    if args.batch_size < 1:
+        raise FastSD35Error(f"--batch-size must be at least 1, got {args.batch_size}")
+    t5_tokens = 256 if args.t5_tokens is None else args.t5_tokens
+    if not 1 <= t5_tokens <= MAX_T5_TOKENS:
+        raise FastSD35Error(f"--t5-tokens must be between 1 and {MAX_T5_TOKENS}, got {t5_tokens}")
+    init_image = _open_image(args.init_image, "init image") if args.init_image else None
+    settings = preset.resolve(
+        steps=args.steps, cfg=args.cfg, shift=args.shift, sampler=args.sampler, width=args.width, height=args.height,
+        slg=args.slg, denoise=(0.8 if args.denoise is None else args.denoise) if init_image else 1.0,
+        max_pixels=_max_pixels(preset),
+    )
+    return Job(
+        preset=preset, model=model, prompts=prompts, negative_prompt=args.negative_prompt or "",
+        seed=23 if args.seed is None else args.seed, batch_size=args.batch_size, settings=settings,
+        init_image=init_image, init_image_path=args.init_image, device=_device(args.device),
+        dtype=DTYPES[args.dtype] if args.dtype else None, t5=not args.no_t5, t5_tokens=t5_tokens,
+    )
+
+
+def load(job: Job, args):
+    from .runner import Pipeline  # the heavy imports wait until the arguments are known to be good
+
+    if job.preset.name == "tiny" and args.model is None:
+        return Pipeline.from_preset("tiny", device=job.device, dtype=job.dtype, t5=job.t5, t5_tokens=job.t5_tokens)
+    return Pipeline.from_pretrained(
+        job.model, job.preset, dtype=job.dtype, device=job.device, t5=job.t5, t5_tokens=job.t5_tokens,
+        text_encoder_device=args.text_encoder_device,
+    )
+
+
+def record(job: Job, prompt: str, seed: int, dtype: torch.dtype) -> dict:
+    """Every setting needed to reproduce one image (`fastsd35 run --from-png`)."""
+    s, slg = job.settings, job.settings.slg
+    return {
+        "fastsd35_version": __version__,
+        "preset": job.preset.name,
+        "model": None if job.preset.name == "tiny" and job.model == Path("models") else str(job.model),
+        "prompt": prompt,
+        "negative_prompt": job.negative_prompt,
+        "seed": seed,
+        "steps": s.steps,
+        "cfg": s.cfg,
+        "shift": s.shift,
+        "sampler": s.sampler,
+        "width": s.width,
+        "height": s.height,
+        "slg": None if slg is None else {"scale": slg.scale, "start": slg.start, "end": slg.end, "layers": list(slg.layers), "cfg": slg.cfg},
+        "init_image": str(job.init_image_path) if job.init_image_path else None,
+        "denoise": s.denoise,
+        "dtype": {v: k for k, v in DTYPES.items()}[dtype],
+        "t5_tokens": job.t5_tokens,
+        "no_t5": not job.t5,
+    }
+
+
+def _fill_from_record(args, record: dict):
+    """Settings from a PNG's record, for every option not given on the command line."""
+    args.prompt = args.prompt or [record["prompt"]]
+    fields = ("preset", "model", "negative_prompt", "seed", "steps", "cfg", "shift", "sampler", "width", "height",
+              "denoise", "dtype", "t5_tokens", "no_t5")  # fmt: skip
+    for name in fields:
+        if getattr(args, name, None) is None and record.get(name) is not None:
+            setattr(args, name, record[name])
+    if args.init_image is None and record.get("init_image"):
+        args.init_image = Path(record["init_image"])
+    if args.slg is None:
+        slg = record.get("slg")
+        args.slg = SLGConfig(**{**slg, "layers": tuple(slg["layers"])}) if slg else False
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise FastSD35Error(f"cannot read prompts file {args.prompts_file}: {getattr(e, 'strerror', None) or e}") from None
+        from_file = [line.strip() for line in lines if line.strip()]
+        if not from_file:
+            raise FastSD35Error(f"prompts file {args.prompts_file} has no prompts (blank lines are skipped)")
+        prompts += from_file
+    if not prompts:
+        raise FastSD35Error('nothing to generate: give --prompt "..." or --prompts-file FILE')
+    return prompts
+
+
+def _open_image(path: Path, what: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise FastSD35Error(f"cannot read {what} {path}: {e}") from None
+
+
+def _device(requested: str | None) -> torch.device:
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise FastSD35Error(f"unknown device {requested!r}: use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastSD35Error("--device cuda but CUDA is not available here: use --device cpu")
+    return device
+
+
+def _max_pixels(preset: Preset) -> int:
+    config = TINY_MMDITX_CONFIG if preset.name == "tiny" else CONFIGS[preset.variant]
+    return config.pos_embed_max_size * config.patch_size * 8
+
+
+def _preset_from_checkpoint(model: Path) -> Preset:
+    """The preset a checkpoint implies, read from its tensor shapes (never from its file name)."""
+    if model.is_dir() and not ((model / "transformer").is_dir() or (model / "model_index.json").is_file()):
+        names = {name for p in PRESETS.values() for name in p.checkpoints}
+        found = sorted(p.name for p in model.glob("*.safetensors") if p.name in names)
+        if len(found) != 1:
+            listed = f"found {', '.join(found)}" if found else "found no known checkpoint"
+            raise FastSD35Error(f"{model}: {listed}: pass --preset ({', '.join(PRESETS)})")
+        model = model / found[0]
+    variant = transformer_config(model).variant
+    if variant not in PRESET_OF_VARIANT:
+        users = [p.name for p in PRESETS.values() if p.variant == variant] or ["none"]
+        raise FastSD35Error(f"{model}: holds a {variant} transformer (presets: {', '.join(users)}): pass --preset")
+    return get_preset(PRESET_OF_VARIANT[variant])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
