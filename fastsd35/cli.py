@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--dtype", choices=DTYPES, help="transformer/VAE precision (default bf16 on CUDA, fp32 on CPU)")
     hw.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     hw.add_argument("--text-encoder-device", default="auto", help="where CLIP/T5 run: auto (GPU when it fits), cuda or cpu")
+    hw.add_argument("--no-graphs", action="store_true", help="run the transformer eagerly instead of from CUDA graphs")
     hw.add_argument("--t5-tokens", type=int, help="longest T5 prompt in tokens (default 256, max 512)")
     hw.add_argument("--no-t5", action="store_true", default=None, help="do not load T5-XXL (zeros in its place)")
     out = run.add_argument_group("output")
@@ -158,10 +159,11 @@ def load(job: Job, args):
     from .runner import Pipeline  # the heavy imports wait until the arguments are known to be good
 
     if job.preset.name == "tiny" and args.model is None:
-        return Pipeline.from_preset("tiny", device=job.device, dtype=job.dtype, t5=job.t5, t5_tokens=job.t5_tokens)
+        return Pipeline.from_preset("tiny", device=job.device, dtype=job.dtype, t5=job.t5, t5_tokens=job.t5_tokens,
+                                    graphs=False if args.no_graphs else None)
     return Pipeline.from_pretrained(
         job.model, job.preset, dtype=job.dtype, device=job.device, t5=job.t5, t5_tokens=job.t5_tokens,
-        text_encoder_device=args.text_encoder_device,
+        text_encoder_device=args.text_encoder_device, graphs=False if args.no_graphs else None,
     )
 
 

@@ -15,6 +15,7 @@ from . import tiny
 from .checkpoints import default_device, default_dtype, find_model_files, load_transformer, transformer_config
 from .conditioning import TextEncoders, load_text_encoders
 from .errors import CheckpointError, FastSD35Error
+from .graphs import CUDAGraphPasses
 from .model import FastMMDiTX, MMDiTX
 from .presets import Preset, Settings, get_preset
 from .sampling import CFGDenoiser, get_sigmas, img2img_sigmas, initial_latent, make_noise, sample
@@ -58,10 +59,20 @@ class TransformerPass:
 class Pipeline:
     """Text (and optionally an init image) to images with one SD3/SD3.5 model and a preset's settings."""
 
-    def __init__(self, transformer: MMDiTX, vae: SDVAE, text_encoders: TextEncoders, preset: Preset | str):
+    def __init__(self, transformer: MMDiTX, vae: SDVAE, text_encoders: TextEncoders, preset: Preset | str, *,
+                 graphs: bool | None = None):
+        """`graphs`: replay the transformer passes from CUDA graphs (default: on when the transformer is on CUDA)."""
         self.transformer, self.vae, self.text_encoders = transformer, vae, text_encoders
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
+        if vae.config.latent_channels != transformer.in_channels:
+            raise CheckpointError(f"the VAE has {vae.config.latent_channels} latent channels but the transformer takes "
+                                  f"{transformer.in_channels}: they come from different models")
+        on_cuda = transformer.device.type == "cuda"
+        if graphs and not on_cuda:
+            raise FastSD35Error(f"CUDA graphs need a CUDA device; the transformer is on {transformer.device}")
         self.model_pass = TransformerPass(transformer)
+        if on_cuda and graphs is not False:
+            self.model_pass = CUDAGraphPasses(self.model_pass, transformer.device)
         self.timings: dict[str, float] = {}
 
     # -- construction ------------------------------------------------------------------------------------------
@@ -78,10 +89,12 @@ class Pipeline:
         t5_tokens: int = 256,
         text_encoder_device: str = "auto",
         fast: bool = True,
+        graphs: bool | None = None,
     ) -> "Pipeline":
         """Load from an official single file, a folder laid out as the official release, or a diffusers folder.
-        `fast` runs the transformer on the Triton kernels (FastMMDiTX). Text encoders go on the GPU when they fit
-        beside the transformer (`text_encoder_device="auto"`), else on the CPU."""
+        `fast` runs the transformer on the Triton kernels (FastMMDiTX); `graphs` replays its passes from CUDA graphs
+        (default: on CUDA). Text encoders go on the GPU when they fit beside the transformer
+        (`text_encoder_device="auto"`), else on the CPU."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
@@ -101,13 +114,13 @@ class Pipeline:
                 files.text_encoders, device=te_device, dtype=default_dtype(te_device), t5=t5, t5_tokens=t5_tokens,
                 t5_width=transformer.config.context_dim,
             )
-        pipe = cls(transformer, vae, text, preset)
+        pipe = cls(transformer, vae, text, preset, graphs=graphs)
         pipe.timings.update(timings)
         return pipe
 
     @classmethod
     def from_preset(cls, name: str = "tiny", *, device=None, dtype=None, seed: int = 0, t5: bool = True,
-                    t5_tokens: int = 256) -> "Pipeline":
+                    t5_tokens: int = 256, graphs: bool | None = None) -> "Pipeline":
         """A pipeline whose components are built in code: only `tiny` (random weights, seconds on a CPU)."""
         if name != "tiny":
             raise FastSD35Error(f"preset {name!r} needs checkpoint files: use Pipeline.from_pretrained(model, {name!r})")
@@ -117,7 +130,7 @@ class Pipeline:
             transformer, vae, text = tiny.tiny_components(
                 seed, device=device, dtype=dtype or default_dtype(device), t5=t5, t5_tokens=t5_tokens
             )
-        pipe = cls(transformer, vae, text, "tiny")
+        pipe = cls(transformer, vae, text, "tiny", graphs=graphs)
         pipe.timings.update(timings)
         return pipe
 
