@@ -7,12 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS
 from kernel_tolerance import DEVICE
 
 from fastsd35 import kernels
-from fastsd35.model import MMDiTX
-from fastsd35.tiny import randomize_
 
 
 def test_backend_is_triton_under_test_env():
@@ -60,21 +57,3 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     x = torch.zeros(1, 2, 64)
     with pytest.raises(ValueError, match="x is on the CPU; the Triton kernels need CUDA tensors"):
         fused_adaln_modulate.ln_modulate(x, x[:, 0], x[:, 0])
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("name", ["sd3", "sd35_medium"])  # no q/k norm; q/k norm + the x-only second attention
-def test_model_runs_on_triton_ops(name):
-    """The tiny transformers give the same output on TRITON_OPS as on REFERENCE_OPS: the ops are called exactly as
-    model.py calls them (strided modulation views, joint buffers at offsets, the x-only attention, y2/gate2)."""
-    tiny_config = TINY_CONFIGS[name]
-    model = randomize_(MMDiTX(tiny_config), 0).eval().to(DEVICE)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, tiny_config.in_channels, 6, 4, generator=g).to(DEVICE)
-    t = torch.tensor([980.0, 3.5], device=DEVICE)
-    y = torch.randn(2, tiny_config.adm_in_channels, generator=g).to(DEVICE)
-    ctx = torch.randn(2, 7, tiny_config.context_dim, generator=g).to(DEVICE)
-    expected = model(x, t, y, ctx)
-    model.ops = lambda device: kernels.TRITON_OPS
-    out = model(x, t, y, ctx)
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)

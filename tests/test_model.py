@@ -6,7 +6,8 @@ from conftest import TINY_CONFIGS
 from diffusers import SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
-from fastsd35.model import CONFIGS, MMDiTX, MMDiTXConfig
+from fastsd35 import kernels
+from fastsd35.model import CONFIGS, FastMMDiTX, MMDiTX, MMDiTXConfig
 from fastsd35.tiny import randomize_
 
 
@@ -249,3 +250,42 @@ def test_timestep_and_pooled_change_output():
     base = model(x, t, y, ctx)
     assert (model(x, t + 100, y, ctx) - base).abs().max() > 1e-2
     assert (model(x, t, y + 1, ctx) - base).abs().max() > 1e-2
+
+
+# -- FastMMDiTX: the same model on the Triton ops ---------------------------------------------------------------
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def test_fast_mmditx_matches_mmditx(tiny_config):
+    """Same state dict, same forward, the Triton ops (compiled on CUDA, interpreted on the CPU): equal outputs, with
+    skip_layers and with ControlNet residuals. A small latent keeps the interpreter quick."""
+    assert kernels.backend(DEVICE) in ("triton", "triton-interpreter")  # never a silent torch fallback here
+    model = make_model(tiny_config).to(DEVICE)
+    fast = FastMMDiTX.from_state_dict(model.state_dict())
+    assert type(fast) is FastMMDiTX and fast.ops(DEVICE) is kernels.TRITON_OPS and model.ops(DEVICE) is kernels.REFERENCE_OPS
+    x, t, y, ctx = (v.to(DEVICE) for v in inputs(tiny_config, h=6, w=4))
+    hs = [h.to(DEVICE) for h in controlnet_states(model, x, tiny_config.depth)]
+    for kwargs in ({}, {"skip_layers": [1]}, {"controlnet_hidden_states": hs}):
+        expected = model(x, t, y, ctx, **kwargs)
+        torch.testing.assert_close(fast(x, t, y, ctx, **kwargs), expected, atol=1e-4, rtol=0)
+
+
+def test_from_mmditx_converts_in_place_without_copying():
+    model = make_model(TINY_CONFIGS["sd3"])
+    first = model.joint_blocks[0].x_block.attn.qkv.weight
+    fast = FastMMDiTX.from_mmditx(model)
+    assert fast is model and type(fast) is FastMMDiTX
+    assert fast.joint_blocks[0].x_block.attn.qkv.weight is first and fast._adaln_is_fused()
+    with pytest.raises(TypeError, match="from_mmditx expects a fastsd35 MMDiTX"):
+        FastMMDiTX.from_mmditx(torch.nn.Linear(2, 2))
+
+
+def test_fast_mmditx_takes_the_same_constructor_arguments():
+    config = TINY_CONFIGS["sd35_medium"]
+    assert FastMMDiTX(**reference_kwargs(config)).config == config
+    assert {k: v.shape for k, v in FastMMDiTX(config).state_dict().items()} == {
+        k: v.shape for k, v in MMDiTX(config).state_dict().items()
+    }
