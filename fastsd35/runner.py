@@ -189,6 +189,7 @@ class Pipeline:
             context, pooled = (t.to(device, self.transformer.dtype) for t in (context, pooled))
             cond = (context[:B], pooled[:B])
             uncond = (context[B:], pooled[B:]) if guided else None
+            self._make_room_for_sampling()
 
         with _stage("sample", timings, device):
             sigmas = get_sigmas(s.shift, s.steps)
@@ -205,6 +206,13 @@ class Pipeline:
             images = tensor_to_images(self.vae.decode(process_out(x).to(self.vae.dtype)))
         self.timings.update(timings)
         return Generation(images, prompts, negatives, seeds, s, timings)
+
+    def _make_room_for_sampling(self):
+        """Text encoders on a GPU that is short of memory for sampling move to the CPU (and encode there from now on)."""
+        device = self.text_encoders.device
+        if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < SAMPLING_HEADROOM_BYTES:
+            self.text_encoders.to("cpu")
+            torch.cuda.empty_cache()
 
     def encode_image(self, image: Image.Image, width: int, height: int, seed: int) -> torch.Tensor:
         """Init image -> latent (1, 16, h, w) float32 on the CPU: resized to the output size, VAE posterior sampled
