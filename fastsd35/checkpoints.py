@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from .errors import CheckpointError
 from .model import MMDiTX, MMDiTXConfig
+from .weights import load_module
 
 TRANSFORMER_PREFIX = "model.diffusion_model."
 _MAX_HEADER = 100 * 1024 * 1024
@@ -327,11 +328,8 @@ def load_transformer(path, *, dtype=None, device=None, model_cls: type[MMDiTX] =
                 f"{source.label}: unexpected diffusers keys {', '.join(source.unmapped[:4])}"
                 f"{' ...' if len(source.unmapped) > 4 else ''}: not an SD3/SD3.5 transformer"
             )
-        shapes = source.shapes
-        config = MMDiTXConfig.from_shapes(shapes, source=source.label)
-        model = model_cls.empty(config, dtype=dtype, device=device)
-        model.load_weights(shapes, source.get, source=source.label)
-    return model.eval().requires_grad_(False)
+        config = MMDiTXConfig.from_shapes(source.shapes, source=source.label)
+        return load_module(model_cls, config, source, dtype=dtype, device=device)
 
 
 __all__ = [

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .checkpoints import TensorSource, diffusers_weight_headers, default_device, default_dtype, safetensors_header
 from .errors import CheckpointError, FastSD35Error
-from .model import check_keys_and_shapes
+from .weights import check_keys_and_shapes
 from .tiny import randomize_
 from .tokenization import (
     CLIP_LENGTH,

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from . import kernels
 from .errors import CheckpointError
 from .kernels.reference import rms_norm
+from .weights import StrictLoading
 
 HEAD_DIM = 64  # the reference's "magic": hidden = 64 * depth, heads = depth
 FREQ_DIM = 256  # sinusoidal timestep embedding width
@@ -319,7 +320,7 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class MMDiTX(nn.Module):
+class MMDiTX(StrictLoading, nn.Module):
     """The SD3/SD3.5 MMDiT-X transformer.
 
     `MMDiTX(config)` with an `MMDiTXConfig` or a name from `CONFIGS`, or `MMDiTX(**reference_kwargs)` with the keyword
@@ -374,13 +375,6 @@ class MMDiTX(nn.Module):
     # -- construction and loading ------------------------------------------------------------------------------
 
     @classmethod
-    def empty(cls, config: MMDiTXConfig, *, dtype=None, device=None) -> "MMDiTX":
-        """A model with uninitialised weights allocated directly on `device` (for loading a checkpoint into)."""
-        with torch.device("meta"):
-            model = cls(config, dtype=dtype)
-        return model.to_empty(device=device or "cpu")
-
-    @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], *, dtype=None, device=None) -> "MMDiTX":
         """Build the model the state dict describes (config inferred from shapes and keys, SPEC.md §3.1) and load it
         strictly. Keys are the official ones, with or without `model.diffusion_model.`. dtype and device default to
@@ -394,14 +388,6 @@ class MMDiTX(nn.Module):
         model = cls.empty(config, dtype=dtype or ref.dtype, device=device or ref.device)
         model.load_weights(shapes, state_dict.__getitem__)
         return model
-
-    def load_weights(self, shapes: Mapping[str, Sequence[int]], get: Callable[[str], torch.Tensor], source="state dict"):
-        """Strict load: `shapes` must list exactly this model's keys with matching shapes (else CheckpointError naming
-        `source`); each tensor is fetched with `get(key)` and copied in place, one at a time."""
-        check_keys_and_shapes(self, shapes, source)
-        with torch.no_grad():
-            for key, tensor in self.state_dict(keep_vars=True).items():
-                tensor.data.copy_(get(key))
 
     # -- the fused adaLN matrix --------------------------------------------------------------------------------
 
@@ -584,21 +570,4 @@ class FastMMDiTX(MMDiTX):
         return model
 
 
-def check_keys_and_shapes(model: nn.Module, shapes: Mapping[str, Sequence[int]], source: str):
-    """Raise CheckpointError naming `source` unless `shapes` has exactly the model's keys with matching shapes."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in shapes]
-    unexpected = [k for k in shapes if k not in expected]
-    wrong = [f"{k} {tuple(shapes[k])} (expected {expected[k]})" for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-        if items:
-            shown = ", ".join(items[:4]) + (f", ... ({len(items)} in all)" if len(items) > 4 else "")
-            problems.append(f"{label}: {shown}")
-    if problems:
-        what = getattr(model, "config", None)
-        desc = f" (expected {what.variant if what.variant != 'custom' else what})" if isinstance(what, MMDiTXConfig) else ""
-        raise CheckpointError(f"{source}: weights do not match the model{desc}: " + "; ".join(problems))
-
-
-__all__ = ["CONFIGS", "FastMMDiTX", "MMDiTX", "MMDiTXConfig", "check_keys_and_shapes"]
+__all__ = ["CONFIGS", "FastMMDiTX", "MMDiTX", "MMDiTXConfig"]

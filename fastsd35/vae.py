@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from .checkpoints import (
     safetensors_header,
 )
 from .errors import CheckpointError
-from .model import check_keys_and_shapes
+from .weights import StrictLoading, load_module
 
 VAE_PREFIX = "first_stage_model."
 LATENT_SCALE = 1.5305
@@ -222,7 +222,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
-class SDVAE(nn.Module):
+class SDVAE(StrictLoading, nn.Module):
     """The SD3 VAE. State dict keys are the official ones without `first_stage_model.`. Inputs are cast to the module's
     device and dtype; outputs are in the module's dtype."""
 
@@ -232,21 +232,6 @@ class SDVAE(nn.Module):
         f = dict(dtype=dtype, device=device)
         self.encoder = Encoder(self.config, **f)
         self.decoder = Decoder(self.config, **f)
-
-    @classmethod
-    def empty(cls, config: VAEConfig, *, dtype=None, device=None) -> "SDVAE":
-        """A VAE with uninitialised weights allocated directly on `device` (for loading a checkpoint into)."""
-        with torch.device("meta"):
-            model = cls(config, dtype=dtype)
-        return model.to_empty(device=device or "cpu")
-
-    def load_weights(self, shapes: Mapping[str, Sequence[int]], get: Callable[[str], torch.Tensor], source="state dict"):
-        """Strict load: `shapes` must list exactly this model's keys with matching shapes (else CheckpointError naming
-        `source`); each tensor is fetched with `get(key)` and copied in place, one at a time."""
-        check_keys_and_shapes(self, shapes, source)
-        with torch.no_grad():
-            for key, tensor in self.state_dict(keep_vars=True).items():
-                tensor.data.copy_(get(key))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -393,10 +378,7 @@ def load_vae(path, *, dtype=None, device=None) -> SDVAE:
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     with open_vae(path) as source:
-        shapes = source.shapes
-        model = SDVAE.empty(VAEConfig.from_shapes(shapes, source=source.label), dtype=dtype, device=device)
-        model.load_weights(shapes, source.get, source=source.label)
-    return model.eval().requires_grad_(False)
+        return load_module(SDVAE, VAEConfig.from_shapes(source.shapes, source=source.label), source, dtype=dtype, device=device)
 
 
 __all__ = [
