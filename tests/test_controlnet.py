@@ -92,7 +92,7 @@ def test_residuals_match_diffusers(main, cn, diffusers_folder):
     assert len(ours) == 2 and ours[0].shape == (2, 4 * 6, MAIN.hidden_size)
     for a, b in zip(ours, expected):
         assert b.std() > 0.3  # outputs of order 1: the bound is meaningful
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)  # measured: 1.4e-6
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)  # measured: 1.5e-6
 
 
 @torch.no_grad()
@@ -194,7 +194,7 @@ def test_triton_ops_match_reference_ops(main, cn):
     assert kernels.backend("cpu") == "triton-interpreter" and fast.ops(torch.device("cpu")).name == "triton"
     x, t, y, _, cond = inputs()
     for a, b in zip(cn(fast, x, t, y, cond), cn(main, x, t, y, cond)):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)  # measured: ~1e-6
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)  # measured: 1.7e-6
 
 
 # -- the control image ----------------------------------------------------------------------------------------------
