@@ -155,15 +155,15 @@ class ControlNet(nn.Module):
     def control_name(self) -> str:
         return CONTROL_TYPES[int(self.control_type[0])]
 
-    def forward(self, transformer: MMDiTX, x, t, y, cond, scale: float = 1.0) -> list[torch.Tensor]:
+    def forward(self, transformer: MMDiTX, x, sigma, y, cond, scale: float = 1.0) -> list[torch.Tensor]:
         """The per-block residuals for `transformer(x, t, y, context, controlnet_hidden_states=...)`.
 
         transformer: the MMDiTX being controlled. Its op set runs the blocks; the 8B kind reads its patch embedding and
             position table, the 2B kind its y_embedder (as the reference's apply_model does), and both its sinusoid.
         x: (B, 16, h, w) latent, as the transformer gets it.
-        t: (B,) or scalar timestep = sigma * 1000 in float32: the t the transformer gets. (The reference hands the
-            ControlNet the fp16-rounded sigma cast to float32 and multiplies by 1000 inside, in float32: the same value
-            as `model_sigma(sigma) * 1000`.)
+        sigma: (B,) or scalar sigma as the sampler feeds the model, i.e. fp16-rounded (`sampling.model_sigma`). As in
+            the reference, the ControlNet's timestep is sigma.float() * 1000 computed in float32 (the reference's
+            transformer instead gets that product computed in fp16, SPEC.md §5.4: the two can differ).
         y: (B, pooled) pooled text (B, 2048 for SD3.5), as the transformer gets it.
         cond: (1 or B, 16, h, w) control latent from `control_latent`; one latent serves the whole (CFG) batch.
         scale: the control strength, multiplying every residual (the reference always uses 1).
@@ -171,14 +171,14 @@ class ControlNet(nn.Module):
         """
         check_compatible(self, transformer)
         B, hw = x.shape[0], x.shape[-2:]
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(B) if t.ndim == 0 else t
+        sigma = torch.as_tensor(sigma, device=x.device)
+        t = (sigma.expand(B) if sigma.ndim == 0 else sigma).float() * 1000
         if cond.ndim != 4 or cond.shape[0] not in (1, B) or cond.shape[1:] != x.shape[1:]:
             shape = ", ".join(map(str, x.shape[1:]))
             raise ValueError(f"control latent must be (1 or {B}, {shape}) like x, got {tuple(cond.shape)}")
         if t.shape != (B,) or y is None or y.shape != (B, transformer.config.adm_in_channels):
             got, adm = None if y is None else tuple(y.shape), transformer.config.adm_in_channels
-            raise ValueError(f"t must be ({B},) and y ({B}, {adm}), got {tuple(t.shape)} and {got}")
+            raise ValueError(f"sigma must be ({B},) and y ({B}, {adm}), got {tuple(t.shape)} and {got}")
         ops, dtype = transformer.ops(x.device), self.dtype
         if self.config.is_8b:
             h = transformer.x_embedder(x.to(transformer.dtype)) + transformer.cropped_pos_embed(hw)

@@ -65,11 +65,11 @@ def cn(diffusers_folder):
 def inputs(batch=2, h=8, w=12, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 16, h, w, generator=g)
-    t = torch.tensor([980.0, 3.5, 500.0][:batch])
+    sigma = torch.tensor([0.98, 0.0035, 0.5][:batch]).half().float()  # fp16-rounded, as the sampler feeds the model
     y = torch.randn(batch, MAIN.adm_in_channels, generator=g)
     ctx = torch.randn(batch, 7, MAIN.context_dim, generator=g)
     cond = torch.randn(1, 16, h, w, generator=g)
-    return x, t, y, ctx, cond
+    return x, sigma, y, ctx, cond
 
 
 def official_state(model: ControlNet) -> dict:
@@ -82,25 +82,25 @@ def official_state(model: ControlNet) -> dict:
 @torch.no_grad()
 def test_residuals_match_diffusers(main, cn, diffusers_folder):
     """diffusers' pipeline gives an SD3.5 8B ControlNet the transformer's pos_embed (patch + position table) and the
-    latent; we borrow the same from our transformer. Same timestep t = sigma * 1000, same pooled text."""
+    latent; we borrow the same from our transformer. diffusers' timestep is our sigma * 1000; same pooled text."""
     ref = SD3ControlNetModel.from_pretrained(diffusers_folder).eval()
     ref.pos_embed = ref._get_pos_embed_from_transformer(make_diffusers(main))
-    x, t, y, _, cond = inputs()
-    ours = cn(main, x, t, y, cond, scale=0.7)
+    x, sigma, y, _, cond = inputs()
+    ours = cn(main, x, sigma, y, cond, scale=0.7)
     expected = ref(hidden_states=x, controlnet_cond=cond.expand(2, -1, -1, -1), conditioning_scale=0.7,
-                   pooled_projections=y, timestep=t, return_dict=False)[0]  # fmt: skip
+                   pooled_projections=y, timestep=sigma * 1000, return_dict=False)[0]  # fmt: skip
     assert len(ours) == 2 and ours[0].shape == (2, 4 * 6, MAIN.hidden_size)
     for a, b in zip(ours, expected):
         assert b.std() > 0.3  # outputs of order 1: the bound is meaningful
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)  # measured: 1.5e-6
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)  # measured: 1.4e-6
 
 
 @torch.no_grad()
 def test_transformer_with_residuals_matches_diffusers_except_last_block(main, cn):
     """Block i gets residual i // (4 // 2) in both, but the reference (and we) add one after the last block too,
     diffusers does not. Spread as 4 states [hs0, hs0, hs1, 0] (block i gets state i) ours equals diffusers."""
-    x, t, y, ctx, cond = inputs()
-    hs = cn(main, x, t, y, cond)
+    x, sigma, y, ctx, cond = inputs()
+    hs, t = cn(main, x, sigma, y, cond), sigma * 1000
     out = main(x, t, y, ctx, controlnet_hidden_states=hs)
     expected = run_diffusers(make_diffusers(main), x, t, y, ctx, block_controlnet_hidden_states=hs)
     without_last = main(x, t, y, ctx, controlnet_hidden_states=[hs[0], hs[0], hs[1], torch.zeros_like(hs[1])])
@@ -148,14 +148,14 @@ def test_official_key_names_match_diffusers_converter():
 def test_8b_and_2b_kinds_differ_as_the_reference(main):
     """8B: the transformer's patch embedding + position table as x, raw pooled y, chained blocks. 2B: its own patch
     embedding (pos_embed.proj, no position table), y through the transformer's y_embedder, every block on the same x."""
-    x, t, y, _, cond = inputs()
+    x, sigma, y, _, cond = inputs()
     nets = {"8b": randomize_(ControlNet(CN_8B), 5).eval(), "2b": randomize_(ControlNet(CN_2B), 5).eval()}
     assert nets["2b"].pos_embed is not None and nets["8b"].pos_embed is None
     assert "pos_embed.proj.weight" in nets["2b"].state_dict() and "pos_embed.proj.weight" not in nets["8b"].state_dict()
-    base = {kind: net(main, x, t, y, cond) for kind, net in nets.items()}
+    base = {kind: net(main, x, sigma, y, cond) for kind, net in nets.items()}
 
     def changed(kind, net, model):
-        return [(a - b).abs().max().item() > 1e-3 for a, b in zip(net(model, x, t, y, cond), base[kind])]
+        return [(a - b).abs().max().item() > 1e-3 for a, b in zip(net(model, x, sigma, y, cond), base[kind])]
 
     other_pos = copy.deepcopy(main)
     other_pos.pos_embed.add_(1.0)
@@ -173,18 +173,18 @@ def test_8b_and_2b_kinds_differ_as_the_reference(main):
 def test_batch_scale_and_timestep(main, cn):
     """One control latent serves the batch (the reference repeats it); each row is its own sample; scale multiplies
     every residual; the timestep matters."""
-    x, t, y, _, cond = inputs(batch=3)
-    hs = cn(main, x, t, y, cond)
-    for a, b in zip(hs, cn(main, x, t, y, cond.expand(3, -1, -1, -1))):
+    x, sigma, y, _, cond = inputs(batch=3)
+    hs = cn(main, x, sigma, y, cond)
+    for a, b in zip(hs, cn(main, x, sigma, y, cond.expand(3, -1, -1, -1))):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    single = cn(main, x[1:2], t[1:2], y[1:2], cond)
+    single = cn(main, x[1:2], sigma[1:2], y[1:2], cond)
     for a, b in zip(hs, single):
         torch.testing.assert_close(a[1:2], b, atol=1e-5, rtol=0)
-    for a, b in zip(hs, cn(main, x, t, y, cond, scale=0.5)):
+    for a, b in zip(hs, cn(main, x, sigma, y, cond, scale=0.5)):
         torch.testing.assert_close(0.5 * a, b, atol=0, rtol=0)
-    assert all((a - b).abs().max() > 1e-2 for a, b in zip(hs, cn(main, x, t + 50, y, cond)))
+    assert all((a - b).abs().max() > 1e-2 for a, b in zip(hs, cn(main, x, sigma + 0.05, y, cond)))
     with pytest.raises(ValueError, match="control latent must be"):
-        cn(main, x, t, y, cond[..., :8])
+        cn(main, x, sigma, y, cond[..., :8])
 
 
 @torch.no_grad()
@@ -192,9 +192,9 @@ def test_triton_ops_match_reference_ops(main, cn):
     """With a FastMMDiTX the ControlNet's blocks run on the Triton kernels (Triton's interpreter on the CPU)."""
     fast = FastMMDiTX.from_mmditx(copy.deepcopy(main))
     assert kernels.backend("cpu") == "triton-interpreter" and fast.ops(torch.device("cpu")).name == "triton"
-    x, t, y, _, cond = inputs()
-    for a, b in zip(cn(fast, x, t, y, cond), cn(main, x, t, y, cond)):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)  # measured: 1.7e-6
+    x, sigma, y, _, cond = inputs()
+    for a, b in zip(cn(fast, x, sigma, y, cond), cn(main, x, sigma, y, cond)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)  # measured: 1.9e-6
 
 
 # -- the control image ----------------------------------------------------------------------------------------------
@@ -317,8 +317,8 @@ def test_blur_and_preprocess_options():
 
 @torch.no_grad()
 def test_official_file_and_diffusers_layouts_load_the_same(main, cn, diffusers_folder, tmp_path):
-    x, t, y, _, cond = inputs()
-    expected = cn(main, x, t, y, cond)
+    x, sigma, y, _, cond = inputs()
+    expected = cn(main, x, sigma, y, cond)
     assert cn.control_name == "canny" and cn.source == str(diffusers_folder)
     official = tmp_path / "sd3.5_large_controlnet_canny.safetensors"
     save_file(official_state(cn), str(official))
@@ -329,7 +329,7 @@ def test_official_file_and_diffusers_layouts_load_the_same(main, cn, diffusers_f
     for source, control_type in ((official, None), (with_unused, "canny"), (diffusers_file, 1)):
         loaded = load_controlnet(source, device="cpu", control_type=control_type)
         assert loaded.control_name == "canny" and loaded.config == CN_8B
-        for a, b in zip(loaded(main, x, t, y, cond), expected):
+        for a, b in zip(loaded(main, x, sigma, y, cond), expected):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
     half = load_controlnet(official, device="cpu", dtype=torch.float16)
     assert half.dtype == torch.float16 and half.control_type.dtype == torch.int32
@@ -383,14 +383,14 @@ def test_loading_errors(cn, diffusers_folder, tmp_path):
 
 @torch.no_grad()
 def test_incompatible_transformer(main, cn):
-    x, t, y, _, cond = inputs()
+    x, sigma, y, _, cond = inputs()
     small = randomize_(MMDiTX(MMDiTXConfig(depth=2, pos_embed_max_size=16, context_dim=48, adm_in_channels=40)), 0)
     message = re.escape(f"{cn.source} (a 2-block ControlNet, hidden size 256) does not fit the custom transformer "
                         "(depth 2, hidden size 128): it was made for a transformer of hidden size 256 (4 heads)")
     with pytest.raises(CheckpointError, match=message):
         check_compatible(cn, small)
     with pytest.raises(CheckpointError, match=message):
-        cn(small, x, t, y, cond)
+        cn(small, x, sigma, y, cond)
     with pytest.raises(CheckpointError, match="its 3 blocks cannot be spread evenly over 4"):
         check_compatible(ControlNet(ControlNetConfig(3, 256, 40)), main)
     with pytest.raises(CheckpointError, match="it takes pooled text of width 48, the transformer 40"):
