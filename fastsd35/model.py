@@ -196,12 +196,16 @@ class TimestepEmbedder(nn.Module):
             self._freqs[device] = freqs.to(device)
         return self._freqs[device]
 
-    def forward(self, t, dtype):
+    def sinusoid(self, t) -> torch.Tensor:
+        """The (B, 256) cos/sin embedding of t (B,), before the MLP; the ControlNet's timestep MLP reads it too."""
         args = t[:, None].float() * self.frequencies(t.device)[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first
         if t.is_floating_point():  # the reference rounds through t's dtype (fp16 sigmas) before the model dtype
             emb = emb.to(t.dtype)
-        return self.mlp(emb.to(dtype))
+        return emb
+
+    def forward(self, t, dtype):
+        return self.mlp(self.sinusoid(t).to(dtype))
 
 
 class VectorEmbedder(nn.Module):
@@ -273,6 +277,13 @@ class DismantledBlock(nn.Module):
         gate2 = None if attn2_out is None else mods[:, 8]
         s, h = ops.gated_residual_ln_modulate(s, attn_out, mods[:, 2], mods[:, 3], mods[:, 4], attn2_out, gate2)
         return ops.gated_residual(s, self.mlp(h), mods[:, 5])
+
+    def single_stream(self, x, mods, ops, ws):
+        """This stream as a block of its own (the ControlNet's blocks): self-attention over x, then post_attention.
+        mods (B, 6, D); ws holds q/k/v buffers (B, H, L, Dh) and out_x (B, L, D)."""
+        self.attn.write_qkv(ops.ln_modulate(x, mods[:, 0], mods[:, 1]), ops, ws.q, ws.k, ws.v, 0)
+        ops.joint_attention(ws.q, ws.k, ws.v, None, ws.out_x, 0)
+        return self.post_attention(x, self.attn.proj(ws.out_x), mods, ops)
 
 
 class JointBlock(nn.Module):
