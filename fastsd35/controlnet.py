@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,9 +32,10 @@ from .checkpoints import (
     safetensors_header,
 )
 from .errors import CheckpointError, FastSD35Error
-from .model import FREQ_DIM, HEAD_DIM, DismantledBlock, MMDiTX, PatchEmbed, check_keys_and_shapes
+from .model import FREQ_DIM, HEAD_DIM, DismantledBlock, MMDiTX, PatchEmbed
 from .presets import CONTROL_TYPES
 from .vae import SDVAE, process_in
+from .weights import StrictLoading, load_module
 
 CANNY = 1  # the control type whose 8B pixels are scaled a*255*0.5+0.5 instead of 2a-1
 
@@ -111,7 +112,7 @@ class _TimeTextEmbed(nn.Module):
         self.text_embedder = _Mlp(pooled_dim, hidden, **factory)
 
 
-class ControlNet(nn.Module):
+class ControlNet(StrictLoading, nn.Module):
     """An SD3.5 ControlNet. State dict keys are those of the released files: `transformer_blocks.{i}.*`,
     `controlnet_blocks.{i}`, `pos_embed_input.proj`, `time_text_embed.{timestep,text}_embedder.linear_{1,2}`,
     `control_type` (int32: 0 blur, 1 canny, 2 depth) and, for the 2B kind only, `pos_embed.proj`."""
@@ -131,21 +132,6 @@ class ControlNet(nn.Module):
         self.time_text_embed = _TimeTextEmbed(D, config.pooled_dim, **f)
         self.pos_embed = None if config.is_8b else PatchEmbed(C, D, p, **f)
         self.register_buffer("control_type", torch.zeros(1, dtype=torch.int32, device=device))
-
-    @classmethod
-    def empty(cls, config: ControlNetConfig, *, dtype=None, device=None) -> "ControlNet":
-        """A ControlNet with uninitialised weights allocated directly on `device` (for loading a checkpoint into)."""
-        with torch.device("meta"):
-            model = cls(config, dtype=dtype)
-        return model.to_empty(device=device or "cpu")
-
-    def load_weights(self, shapes: Mapping[str, Sequence[int]], get: Callable[[str], torch.Tensor], source="state dict"):
-        """Strict load: `shapes` must list exactly this model's keys with matching shapes (else CheckpointError naming
-        `source`); each tensor is fetched with `get(key)` and copied in place, one at a time."""
-        check_keys_and_shapes(self, shapes, source)
-        with torch.no_grad():
-            for key, tensor in self.state_dict(keep_vars=True).items():
-                tensor.data.copy_(get(key))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -348,10 +334,10 @@ def load_controlnet(path, *, control_type: int | str | None = None, dtype=None, 
         def get(key):
             return torch.tensor([kind], dtype=torch.int32) if key == "control_type" else source.get(key)
 
-        model = ControlNet.empty(config, dtype=dtype, device=device)
-        model.load_weights(shapes, get, source=source.label)
+        model = load_module(ControlNet, config, SimpleNamespace(shapes=shapes, get=get, label=source.label),
+                            dtype=dtype, device=device)
         model.source = source.label
-    return model.eval().requires_grad_(False)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
