@@ -7,6 +7,7 @@ and never with a file written or overwritten.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -15,12 +16,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import __version__
+from . import __version__, kernels
 from .checkpoints import transformer_config
 from .errors import FastSD35Error
 from .outputs import image_name, output_folder, png_bytes, read_record, write_png
 from .model import CONFIGS
-from .presets import PRESETS, Preset, Settings, get_preset
+from .presets import CONTROL_TYPES, PRESETS, Preset, Settings, get_preset
 from .sampling import SAMPLERS, SLGConfig
 from .tiny import TINY_MMDITX_CONFIG
 
@@ -58,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--slg", action=argparse.BooleanOptionalAction, help="skip-layer guidance (on by default for medium)")
     how.add_argument("--init-image", type=Path, help="img2img: start from this image")
     how.add_argument("--denoise", type=float, help="img2img strength in (0, 1] (default 0.8)")
+    cn = run.add_argument_group("ControlNet (SD3.5 Large)")
+    cn.add_argument("--controlnet", type=Path, help="an SD3.5 ControlNet file (blur, canny or depth) or diffusers folder")
+    cn.add_argument("--control-image", type=Path, help="the control image (edges, blurred image or depth map)")
+    cn.add_argument("--control-preprocess", choices=("canny", "blur", "depth"),
+                    help="make the control image from a photo: canny edges or a Gaussian blur (depth maps must be supplied)")
+    cn.add_argument("--control-strength", type=float, help="scales the ControlNet's residuals (default 1.0)")
+    cn.add_argument("--control-type", choices=tuple(CONTROL_TYPES.values()),
+                    help="the ControlNet's kind, for diffusers folders that do not record it")
+    cn.add_argument("--canny-low", type=float, help="canny: low hysteresis threshold (default 100)")
+    cn.add_argument("--canny-high", type=float, help="canny: high hysteresis threshold (default 200)")
+    cn.add_argument("--blur-radius", type=float, help="blur: Gaussian radius in pixels (default 5)")
     hw = run.add_argument_group("hardware and text encoding")
     hw.add_argument("--dtype", choices=DTYPES, help="transformer/VAE precision (default bf16 on CUDA, fp32 on CPU)")
     hw.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
@@ -104,6 +116,20 @@ class Job:
     dtype: torch.dtype | None
     t5: bool
     t5_tokens: int
+    control: Control | None
+
+
+@dataclass(frozen=True)
+class Control:
+    """A ControlNet run: the checkpoint and the control image, preprocessed when asked."""
+
+    controlnet: Path
+    control_type: str | None
+    image: Image.Image
+    image_path: Path
+    preprocess: str | None
+    options: dict
+    strength: float
 
 
 def run_command(args) -> int:
@@ -112,17 +138,21 @@ def run_command(args) -> int:
     with output_folder(args.out) as out:
         pipe = load(job, args)
         timings, written = dict(pipe.timings), []
+        control = None
+        if job.control:  # one control latent for the whole run
+            control = pipe.encode_control(job.control.image, job.settings.width, job.settings.height, job.seed)
         for prompt in job.prompts:
             gen = pipe.generate(
                 prompt, job.negative_prompt, seed=job.seed, batch_size=job.batch_size, init_image=job.init_image,
                 denoise=job.settings.denoise, steps=job.settings.steps, cfg=job.settings.cfg, shift=job.settings.shift,
                 sampler=job.settings.sampler, width=job.settings.width, height=job.settings.height,
-                slg=job.settings.slg or False,
+                slg=job.settings.slg or False, control_image=control,
+                control_strength=job.control.strength if job.control else 1.0,
             )
             for stage, seconds in gen.timings.items():
                 timings[stage] = timings.get(stage, 0.0) + seconds
             for image, seed in zip(gen.images, gen.seeds):
-                data = png_bytes(image, record(job, prompt, seed, pipe.transformer.dtype))
+                data = png_bytes(image, record(job, prompt, seed, pipe))
                 written.append(write_png(out, image_name(job.preset.name, prompt, seed), data, args.overwrite))
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
     print(f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.1f} s ({stages})")
@@ -142,6 +172,11 @@ def plan(args) -> Job:
     if not 1 <= t5_tokens <= MAX_T5_TOKENS:
         raise FastSD35Error(f"--t5-tokens must be between 1 and {MAX_T5_TOKENS}, got {t5_tokens}")
     init_image = _open_image(args.init_image, "init image") if args.init_image else None
+    control = _control(args)
+    if control:
+        if preset.name != "tiny" and preset.variant != "sd3.5_large":
+            raise FastSD35Error(f"the SD3.5 ControlNets are made for SD3.5 Large: use --preset large or large_turbo, not {preset.name}")
+        preset = preset.with_controlnet()
     settings = preset.resolve(
         steps=args.steps, cfg=args.cfg, shift=args.shift, sampler=args.sampler, width=args.width, height=args.height,
         slg=args.slg, denoise=(0.8 if args.denoise is None else args.denoise) if init_image else 1.0,
@@ -151,25 +186,58 @@ def plan(args) -> Job:
         preset=preset, model=model, prompts=prompts, negative_prompt=args.negative_prompt or "",
         seed=23 if args.seed is None else args.seed, batch_size=args.batch_size, settings=settings,
         init_image=init_image, init_image_path=args.init_image, device=_device(args.device),
-        dtype=DTYPES[args.dtype] if args.dtype else None, t5=not args.no_t5, t5_tokens=t5_tokens,
+        dtype=DTYPES[args.dtype] if args.dtype else None, t5=not args.no_t5, t5_tokens=t5_tokens, control=control,
     )
+
+
+def _control(args) -> Control | None:
+    """The ControlNet inputs, checked and preprocessed before any model is loaded."""
+    cn_options = ("control_image", "control_preprocess", "control_strength", "control_type", "canny_low", "canny_high", "blur_radius")
+    if args.controlnet is None:
+        given = [f"--{name.replace('_', '-')}" for name in cn_options if getattr(args, name) is not None]
+        if given:
+            raise FastSD35Error(f"{', '.join(given)} need --controlnet")
+        return None
+    if not args.controlnet.exists():
+        raise FastSD35Error(f"{args.controlnet}: no such ControlNet file or folder")
+    if args.control_image is None:
+        raise FastSD35Error("--controlnet needs --control-image (edges, a blurred image or a depth map)")
+    image = _open_image(args.control_image, "control image")
+    strength = 1.0 if args.control_strength is None else args.control_strength
+    if not math.isfinite(strength):
+        raise FastSD35Error(f"--control-strength must be a finite number, got {strength}")
+    options = {"canny": {"low": args.canny_low, "high": args.canny_high}, "blur": {"radius": args.blur_radius}}
+    options = {k: v for k, v in options.get(args.control_preprocess, {}).items() if v is not None}
+    stray = [f"--{o}" for o, kind in (("canny-low", "canny"), ("canny-high", "canny"), ("blur-radius", "blur"))
+             if getattr(args, o.replace("-", "_")) is not None and args.control_preprocess != kind]
+    if stray:
+        raise FastSD35Error(f"{', '.join(stray)} only apply with the matching --control-preprocess")
+    if args.control_preprocess:
+        from .controlnet import preprocess
+
+        image = preprocess(image, args.control_preprocess, **options)
+    return Control(args.controlnet, args.control_type, image, args.control_image, args.control_preprocess, options, strength)
 
 
 def load(job: Job, args):
     from .runner import Pipeline  # the heavy imports wait until the arguments are known to be good
 
+    common = dict(dtype=job.dtype, device=job.device, t5=job.t5, t5_tokens=job.t5_tokens,
+                  graphs=False if args.no_graphs else None, controlnet=job.control and job.control.controlnet,
+                  control_type=job.control and job.control.control_type)  # fmt: skip
     if job.preset.name == "tiny" and args.model is None:
-        return Pipeline.from_preset("tiny", device=job.device, dtype=job.dtype, t5=job.t5, t5_tokens=job.t5_tokens,
-                                    graphs=False if args.no_graphs else None)
-    return Pipeline.from_pretrained(
-        job.model, job.preset, dtype=job.dtype, device=job.device, t5=job.t5, t5_tokens=job.t5_tokens,
-        text_encoder_device=args.text_encoder_device, graphs=False if args.no_graphs else None,
-    )
+        return Pipeline.from_preset("tiny", **common)
+    return Pipeline.from_pretrained(job.model, job.preset, text_encoder_device=args.text_encoder_device, **common)
 
 
-def record(job: Job, prompt: str, seed: int, dtype: torch.dtype) -> dict:
+def record(job: Job, prompt: str, seed: int, pipe) -> dict:
     """Every setting needed to reproduce one image (`fastsd35 run --from-png`)."""
-    s, slg = job.settings, job.settings.slg
+    s, slg, c = job.settings, job.settings.slg, job.control
+    control = None
+    if c:
+        control = {"controlnet": str(c.controlnet), "control_type": pipe.controlnet.control_name,
+                   "control_image": str(c.image_path), "preprocess": c.preprocess, "options": c.options,
+                   "strength": c.strength}  # fmt: skip
     return {
         "fastsd35_version": __version__,
         "preset": job.preset.name,
@@ -186,9 +254,11 @@ def record(job: Job, prompt: str, seed: int, dtype: torch.dtype) -> dict:
         "slg": None if slg is None else {"scale": slg.scale, "start": slg.start, "end": slg.end, "layers": list(slg.layers), "cfg": slg.cfg},
         "init_image": str(job.init_image_path) if job.init_image_path else None,
         "denoise": s.denoise,
-        "dtype": {v: k for k, v in DTYPES.items()}[dtype],
+        "dtype": {v: k for k, v in DTYPES.items()}[pipe.transformer.dtype],
         "t5_tokens": job.t5_tokens,
         "no_t5": not job.t5,
+        "controlnet": control,
+        "backend": kernels.backend(pipe.device),
     }
 
 
@@ -205,6 +275,15 @@ def _fill_from_record(args, record: dict):
     if args.slg is None:
         slg = record.get("slg")
         args.slg = SLGConfig(**{**slg, "layers": tuple(slg["layers"])}) if slg else False
+    control = record.get("controlnet")
+    if control and args.controlnet is None:
+        args.controlnet, args.control_type = Path(control["controlnet"]), control["control_type"]
+        args.control_image = args.control_image or Path(control["control_image"])
+        args.control_preprocess = args.control_preprocess or control["preprocess"]
+        args.control_strength = control["strength"] if args.control_strength is None else args.control_strength
+        opts = control["options"]
+        args.canny_low, args.canny_high = opts.get("low", args.canny_low), opts.get("high", args.canny_high)
+        args.blur_radius = opts.get("radius", args.blur_radius)
 
 
 def _prompts(args) -> list[str]:

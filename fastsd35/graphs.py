@@ -26,7 +26,7 @@ class _Graph:
 
 class CUDAGraphPasses:
     """Capture-once, replay-many wrapper of a transformer pass with the same call signature:
-    `passes(x, t, y, context, skip_layers=(), controlnet=True) -> v`."""
+    `passes(x, sigma, y, context, skip_layers=(), control=None) -> v`."""
 
     def __init__(self, model_pass, device):
         device = torch.device(device)
@@ -36,26 +36,26 @@ class CUDAGraphPasses:
         self.graphs: dict[tuple, _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def __call__(self, x, t, y, context, *, skip_layers=(), controlnet=True) -> torch.Tensor:
-        inputs = {"x": x, "t": t, "y": y, "context": context}
-        key = (
-            tuple((name, tuple(v.shape), v.dtype) for name, v in inputs.items()),
-            tuple(sorted(skip_layers)),
-            controlnet,
-        )
+    def __call__(self, x, sigma, y, context, *, skip_layers=(), control=None) -> torch.Tensor:
+        inputs = {"x": x, "sigma": sigma, "y": y, "context": context}
+        if control is not None:
+            inputs["control_latent"], inputs["control_strength"] = control
+        key = (tuple((name, tuple(v.shape), v.dtype) for name, v in inputs.items()), tuple(sorted(skip_layers)))
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._capture(inputs, tuple(skip_layers), controlnet)
+            entry = self.graphs[key] = self._capture(inputs, tuple(skip_layers))
         for name, value in inputs.items():
             entry.inputs[name].copy_(value, non_blocking=True)
         entry.graph.replay()
         return entry.output.clone()  # the static output is overwritten by the next replay
 
-    def _capture(self, inputs: dict[str, torch.Tensor], skip_layers: tuple, controlnet: bool) -> _Graph:
+    def _capture(self, inputs: dict[str, torch.Tensor], skip_layers: tuple) -> _Graph:
         static = {name: value.to(self.device, copy=True) for name, value in inputs.items()}
+        control = (static["control_latent"], static["control_strength"]) if "control_latent" in static else None
+        tensors = {name: static[name] for name in ("x", "sigma", "y", "context")}
 
         def run():
-            return self.model_pass(**static, skip_layers=skip_layers, controlnet=controlnet)
+            return self.model_pass(**tensors, skip_layers=skip_layers, control=control)
 
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

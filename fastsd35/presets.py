@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import FastSD35Error
 from .sampling import SAMPLERS, SLGConfig
@@ -22,6 +22,10 @@ class Preset:
     width: int = 1024
     height: int = 1024
     description: str = ""
+
+    def with_controlnet(self) -> "Preset":
+        """The settings the reference uses whenever an SD3.5 ControlNet is given (all three kinds alike)."""
+        return replace(self, slg=None, **CONTROLNET_SETTINGS)
 
     def resolve(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,11 +15,12 @@ from PIL import Image
 from . import tiny
 from .checkpoints import default_device, default_dtype, find_model_files, load_transformer, transformer_config
 from .conditioning import TextEncoders, load_text_encoders
+from .controlnet import ControlNet, check_compatible, control_latent, load_controlnet
 from .errors import CheckpointError, FastSD35Error
 from .graphs import CUDAGraphPasses
 from .model import FastMMDiTX, MMDiTX
 from .presets import Preset, Settings, get_preset
-from .sampling import CFGDenoiser, get_sigmas, img2img_sigmas, initial_latent, make_noise, sample
+from .sampling import CFGDenoiser, get_sigmas, img2img_sigmas, initial_latent, make_noise, model_timestep, sample
 from .vae import SDVAE, image_to_tensor, load_vae, process_in, process_out, tensor_to_images
 
 # What the text encoders need on the GPU in bf16 (T5-XXL ~9.5 GB, CLIP-G ~1.4 GB, CLIP-L ~0.25 GB), and what
@@ -46,31 +48,44 @@ class Generation:
 
 
 class TransformerPass:
-    """One transformer evaluation for the denoiser: v = model(x, t, y, context) on the model's device."""
+    """One transformer evaluation for the denoiser (`sampling.VelocityModel`): v = model(x, t, y, context) on the
+    model's device, t = model_timestep(sigma), with the ControlNet's residuals when `control` is given."""
 
-    def __init__(self, transformer: MMDiTX):
-        self.transformer = transformer
+    def __init__(self, transformer: MMDiTX, controlnet: ControlNet | None = None):
+        self.transformer, self.controlnet = transformer, controlnet
 
-    def __call__(self, x, t, y, context, *, skip_layers=(), controlnet=True):
+    def __call__(self, x, sigma, y, context, *, skip_layers=(), control=None):
         device = self.transformer.device
-        return self.transformer(x.to(device), t.to(device), y, context, skip_layers=skip_layers)
+        x, sigma = x.to(device), sigma.to(device)
+        residuals = None
+        if control is not None:
+            latent, strength = control
+            residuals = self.controlnet(self.transformer, x, sigma, y, latent, strength)
+        return self.transformer(x, model_timestep(sigma), y, context, controlnet_hidden_states=residuals,
+                                skip_layers=skip_layers)
 
 
 class Pipeline:
     """Text (and optionally an init image) to images with one SD3/SD3.5 model and a preset's settings."""
 
     def __init__(self, transformer: MMDiTX, vae: SDVAE, text_encoders: TextEncoders, preset: Preset | str, *,
-                 graphs: bool | None = None):
-        """`graphs`: replay the transformer passes from CUDA graphs (default: on when the transformer is on CUDA)."""
+                 controlnet: ControlNet | None = None, graphs: bool | None = None):
+        """`controlnet`: an SD3.5 ControlNet for this transformer; with it the ControlNet settings apply (shift 3,
+        60 steps, cfg 3.5, euler) and every generation needs a control image. `graphs`: replay the transformer
+        passes from CUDA graphs (default: on when the transformer is on CUDA)."""
         self.transformer, self.vae, self.text_encoders = transformer, vae, text_encoders
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
+        self.controlnet = controlnet
+        if controlnet is not None:
+            check_compatible(controlnet, transformer)
+            self.preset = self.preset.with_controlnet()
         if vae.config.latent_channels != transformer.in_channels:
             raise CheckpointError(f"the VAE has {vae.config.latent_channels} latent channels but the transformer takes "
                                   f"{transformer.in_channels}: they come from different models")
         on_cuda = transformer.device.type == "cuda"
         if graphs and not on_cuda:
             raise FastSD35Error(f"CUDA graphs need a CUDA device; the transformer is on {transformer.device}")
-        self.model_pass = TransformerPass(transformer)
+        self.model_pass = TransformerPass(transformer, controlnet)
         if on_cuda and graphs is not False:
             self.model_pass = CUDAGraphPasses(self.model_pass, transformer.device)
         self.timings: dict[str, float] = {}
@@ -90,11 +105,14 @@ class Pipeline:
         text_encoder_device: str = "auto",
         fast: bool = True,
         graphs: bool | None = None,
+        controlnet: str | Path | None = None,
+        control_type: str | None = None,
     ) -> "Pipeline":
         """Load from an official single file, a folder laid out as the official release, or a diffusers folder.
         `fast` runs the transformer on the Triton kernels (FastMMDiTX); `graphs` replays its passes from CUDA graphs
         (default: on CUDA). Text encoders go on the GPU when they fit beside the transformer
-        (`text_encoder_device="auto"`), else on the CPU."""
+        (`text_encoder_device="auto"`), else on the CPU. `controlnet`: an SD3.5 ControlNet file or diffusers folder
+        (`control_type` names its kind when the files do not)."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
@@ -108,29 +126,34 @@ class Pipeline:
         timings = {}
         with _stage("load", timings, device):
             transformer = load_transformer(files.transformer, dtype=dtype, device=device, model_cls=FastMMDiTX if fast else MMDiTX)
+            cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type, dtype=dtype, device=device)
+            if cn is not None:
+                check_compatible(cn, transformer)
             vae = load_vae(files.vae, dtype=dtype, device=device)
             te_device = _text_encoder_device(text_encoder_device, device, t5)
             text = load_text_encoders(
                 files.text_encoders, device=te_device, dtype=default_dtype(te_device), t5=t5, t5_tokens=t5_tokens,
                 t5_width=transformer.config.context_dim,
             )
-        pipe = cls(transformer, vae, text, preset, graphs=graphs)
+        pipe = cls(transformer, vae, text, preset, controlnet=cn, graphs=graphs)
         pipe.timings.update(timings)
         return pipe
 
     @classmethod
     def from_preset(cls, name: str = "tiny", *, device=None, dtype=None, seed: int = 0, t5: bool = True,
-                    t5_tokens: int = 256, graphs: bool | None = None) -> "Pipeline":
-        """A pipeline whose components are built in code: only `tiny` (random weights, seconds on a CPU)."""
+                    t5_tokens: int = 256, graphs: bool | None = None, controlnet: str | Path | None = None,
+                    control_type: str | None = None) -> "Pipeline":
+        """A pipeline whose components are built in code: only `tiny` (random weights, seconds on a CPU), optionally
+        with a ControlNet file made for it (`tiny.write_tiny_controlnet`)."""
         if name != "tiny":
             raise FastSD35Error(f"preset {name!r} needs checkpoint files: use Pipeline.from_pretrained(model, {name!r})")
         device = torch.device(device) if device is not None else default_device()
         timings = {}
         with _stage("load", timings, device):
-            transformer, vae, text = tiny.tiny_components(
-                seed, device=device, dtype=dtype or default_dtype(device), t5=t5, t5_tokens=t5_tokens
-            )
-        pipe = cls(transformer, vae, text, "tiny", graphs=graphs)
+            dtype = dtype or default_dtype(device)
+            transformer, vae, text = tiny.tiny_components(seed, device=device, dtype=dtype, t5=t5, t5_tokens=t5_tokens)
+            cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type, dtype=dtype, device=device)
+        pipe = cls(transformer, vae, text, "tiny", controlnet=cn, graphs=graphs)
         pipe.timings.update(timings)
         return pipe
 
@@ -166,10 +189,14 @@ class Pipeline:
         denoise: float = 0.8,
         slg=None,
         batch_size: int = 1,
+        control_image: Image.Image | torch.Tensor | None = None,
+        control_strength: float = 1.0,
         progress: bool = True,
     ) -> Generation:
         """One batch: a prompt repeated `batch_size` times, or a list of prompts (one image each). Image i uses
-        seed + i. Unset settings come from the preset; `slg` is None (preset default), False, True or SLGConfig."""
+        seed + i. Unset settings come from the preset; `slg` is None (preset default), False, True or SLGConfig.
+        With a ControlNet, `control_image` (an image, or a latent from `encode_control`) steers every image with
+        `control_strength` (1.0 as the reference)."""
         prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if not prompts or len(negatives) != len(prompts):
@@ -180,6 +207,11 @@ class Pipeline:
         )
         if s.slg and max(s.slg.layers) >= self.transformer.depth:
             raise FastSD35Error(f"skip-layer guidance layers {s.slg.layers} do not exist in a {self.transformer.depth}-block model")
+        if (control_image is None) != (self.controlnet is None):
+            raise FastSD35Error("a ControlNet needs a control image" if control_image is None
+                                else "a control image needs a ControlNet (--controlnet)")
+        if not math.isfinite(control_strength):
+            raise FastSD35Error(f"control strength must be a finite number, got {control_strength}")
         B, timings, device = len(prompts), {}, self.device
         seeds = [seed + i for i in range(B)]
 
@@ -197,9 +229,14 @@ class Pipeline:
             if init_image is not None:
                 latent = self.encode_image(init_image, s.width, s.height, seed).expand(B, -1, -1, -1)
                 sigmas = img2img_sigmas(sigmas, s.denoise)
+            control = None
+            if control_image is not None:
+                if isinstance(control_image, Image.Image):
+                    control_image = self.encode_control(control_image, s.width, s.height, seed)
+                control = (control_image.to(device), torch.tensor(float(control_strength), device=device))
             noise = make_noise(seed, B, (16, s.height // 8, s.width // 8))
             x = initial_latent(sigmas[0], noise, latent).to(device)
-            denoiser = CFGDenoiser(self.model_pass, cond, uncond, s.cfg, s.steps, s.slg)
+            denoiser = CFGDenoiser(self.model_pass, cond, uncond, s.cfg, s.steps, s.slg, control)
             x = sample(s.sampler, denoiser, x, sigmas, progress)
 
         with _stage("decode", timings, device):
@@ -213,6 +250,15 @@ class Pipeline:
         if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < SAMPLING_HEADROOM_BYTES:
             self.text_encoders.to("cpu")
             torch.cuda.empty_cache()
+
+    def encode_control(self, image: Image.Image, width: int, height: int, seed: int) -> torch.Tensor:
+        """Control image -> the ControlNet's control latent (1, 16, h, w) as the reference makes it (SPEC.md §8.3), the
+        VAE posterior sampled from the stream seed + 2 * 2**32. Compute it once and pass it to every `generate`."""
+        cn = self.controlnet
+        if cn is None:
+            raise FastSD35Error("a control image needs a ControlNet (--controlnet)")
+        generator = torch.Generator("cpu").manual_seed(seed + (2 << 32))
+        return control_latent(self.vae, image, width, height, int(cn.control_type[0]), cn.config.is_8b, generator)
 
     def encode_image(self, image: Image.Image, width: int, height: int, seed: int) -> torch.Tensor:
         """Init image -> latent (1, 16, h, w) float32 on the CPU: resized to the output size, VAE posterior sampled

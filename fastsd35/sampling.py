@@ -1,9 +1,10 @@
 """Flow-matching sampling as the reference does it (SPEC.md §5): the shifted sigma schedule, euler and dpmpp_2m,
 the CFG and skip-layer-guidance denoisers, noise and the img2img start.
 
-The sampler state is float32. Two of the reference's precision details are kept, because they change the
-trajectory and cost nothing: the initial latent is rounded through fp16 (the reference's latent dtype), and the
-sigma the model sees (its timestep = sigma * 1000, and the sigma in `x - v * sigma`) is fp16-rounded (SPEC.md §5.4).
+The sampler state is float32. The reference's precision details that change the trajectory are kept, since they
+cost nothing (SPEC.md §5.4): the initial latent is rounded through fp16 (the reference's latent dtype); the sigma
+the model pass gets, and the one in `x - v * sigma`, is fp16-rounded; and the transformer's timestep is that sigma
+times 1000 computed in fp16 (`model_timestep`), while a ControlNet gets the product in float32.
 """
 
 from __future__ import annotations
@@ -64,13 +65,21 @@ def model_sigma(sigma: torch.Tensor) -> torch.Tensor:
     return sigma.to(torch.float16).float()
 
 
+def model_timestep(sigma: torch.Tensor) -> torch.Tensor:
+    """The transformer's timestep from a model sigma: sigma * 1000 computed in fp16, as the reference's apply_model
+    does with its fp16 sigma (at sigma ~0.86 fp16 steps by 0.5), returned as float32."""
+    return (sigma.to(torch.float16) * 1000).float()
+
+
 # -- denoisers ----------------------------------------------------------------------------------------------------
 
 
 class VelocityModel(Protocol):
-    """One transformer pass: v = model(x, t, y, context) (+ ControlNet residuals when `controlnet`)."""
+    """One transformer pass: v = model(x, sigma, y, context). `sigma` (B,) is the model sigma (fp16-rounded); the
+    pass forms the timestep with `model_timestep`. `control` = (control latent, strength tensor) adds ControlNet
+    residuals."""
 
-    def __call__(self, x, t, y, context, *, skip_layers: Sequence[int] = (), controlnet: bool = True) -> torch.Tensor: ...
+    def __call__(self, x, sigma, y, context, *, skip_layers: Sequence[int] = (), control=None) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -92,11 +101,13 @@ class CFGDenoiser:
 
     cond and uncond run as one batched pass [cond, uncond]; with cfg <= 1 only the cond pass runs (the reference
     also runs the uncond half and then weights it by zero at cfg 1). `steps` is the full configured step count
-    (img2img included), against which SLG's start/end are measured; `step` counts denoiser calls from 0.
+    (img2img included), against which SLG's start/end are measured; `step` counts denoiser calls from 0. `control`
+    (ControlNet inputs) goes to the guidance passes, not to the skip-layer pass, as in the reference.
     """
 
-    def __init__(self, model: VelocityModel, cond, uncond, cfg: float, steps: int, slg: SLGConfig | None = None):
-        self.model, self.cfg, self.steps, self.slg = model, cfg, steps, slg
+    def __init__(self, model: VelocityModel, cond, uncond, cfg: float, steps: int, slg: SLGConfig | None = None,
+                 control=None):
+        self.model, self.cfg, self.steps, self.slg, self.control = model, cfg, steps, slg, control
         (self.context, self.y), self.uncond = cond, uncond
         if cfg > 1:
             self.batched_context = torch.cat([cond[0], uncond[0]])
@@ -104,17 +115,18 @@ class CFGDenoiser:
 
     def denoise(self, x, sigma, context, y, **kw):
         s = model_sigma(sigma)
-        v = self.model(x, (s * 1000).expand(x.shape[0]), y, context, **kw).float()
+        v = self.model(x, s.expand(x.shape[0]), y, context, **kw).float()
         return x - v * s
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
         if self.cfg > 1:
-            pos, neg = self.denoise(torch.cat([x, x]), sigma, self.batched_context, self.batched_y).chunk(2)
+            batched = self.denoise(torch.cat([x, x]), sigma, self.batched_context, self.batched_y, control=self.control)
+            pos, neg = batched.chunk(2)
             out = neg + (pos - neg) * self.cfg
         else:
-            out = pos = self.denoise(x, sigma, self.context, self.y)
+            out = pos = self.denoise(x, sigma, self.context, self.y, control=self.control)
         if self.slg is not None and self.slg.active(step, self.steps):
-            skipped = self.denoise(x, sigma, self.context, self.y, skip_layers=self.slg.layers, controlnet=False)
+            skipped = self.denoise(x, sigma, self.context, self.y, skip_layers=self.slg.layers)
             out = out + (pos - skipped) * self.slg.scale
         return out
 

@@ -79,3 +79,19 @@ def write_tiny_model(folder, seed: int = 0) -> Path:
     for name, tokenizer in (("tokenizer", text.tokenizer_l), ("tokenizer_2", text.tokenizer_g), ("tokenizer_3", text.tokenizer_t5)):
         tokenizer.save_pretrained(folder / name)
     return folder
+
+
+def write_tiny_controlnet(path, control_type: str = "canny", seed: int = 0) -> Path:
+    """A random-weight ControlNet for the tiny transformer (the 8B kind: raw pooled text, chained blocks), written
+    in the released files' layout with its `control_type`."""
+    from safetensors.torch import save_file
+
+    from .controlnet import ControlNet, ControlNetConfig, control_type_id
+
+    config = ControlNetConfig(num_layers=1, hidden_size=TINY_MMDITX_CONFIG.hidden_size,
+                              pooled_dim=TINY_MMDITX_CONFIG.adm_in_channels)
+    controlnet = randomize_(ControlNet(config), seed)
+    controlnet.control_type.fill_(control_type_id(control_type))
+    path = Path(path)
+    save_file({k: v.contiguous() for k, v in controlnet.state_dict().items()}, str(path))
+    return path

@@ -223,3 +223,61 @@ def test_interrupt_leaves_no_partial_png(tmp_path, capsys, monkeypatch):
     assert run("--preset", "tiny", "--prompt", "a", "--out", out, *FAST) == 130
     assert "interrupted" in capsys.readouterr().err
     assert listing(out) == []
+
+
+# -- ControlNet -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def controlnet_files(tmp_path):
+    from fastsd35.tiny import write_tiny_controlnet
+
+    photo = np.zeros((48, 64, 3), dtype=np.uint8)
+    photo[10:38, 16:48] = (200, 40, 40)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    return write_tiny_controlnet(tmp_path / "cn.safetensors", "canny"), tmp_path / "photo.png"
+
+
+def test_controlnet_end_to_end_and_reproduction(tmp_path, controlnet_files):
+    cn, photo = controlnet_files
+    out = tmp_path / "out"
+    args = ["--preset", "tiny", "--prompt", "a red box", "--controlnet", cn, "--control-image", photo,
+            "--control-preprocess", "canny", "--canny-low", 50, "--control-strength", 0.8, "--out", out, *FAST]
+    assert run(*args) == 0
+    path = out / "tiny_a-red-box_23.png"
+    with Image.open(path) as image:
+        record = json.loads(image.info[METADATA_KEY])
+        pixels = np.asarray(image)
+    assert record["controlnet"] == {"controlnet": str(cn), "control_type": "canny", "control_image": str(photo),
+                                    "preprocess": "canny", "options": {"low": 50.0}, "strength": 0.8}
+    assert (record["sampler"], record["cfg"], record["shift"]) == ("euler", 3.5, 3.0)  # the ControlNet settings
+    assert run("--from-png", path, "--out", out) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "tiny_a-red-box_23-2.png")), pixels)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--control-preprocess", "depth"], "the depth ControlNet needs a depth map as the control image"),
+        (["--canny-low", 10], "--canny-low only apply with the matching --control-preprocess"),
+        (["--control-strength", "nan"], "--control-strength must be a finite number, got nan"),
+    ],
+)
+def test_controlnet_bad_input(tmp_path, capsys, controlnet_files, extra, message):
+    cn, photo = controlnet_files
+    fails(capsys, message, "--preset", "tiny", "--prompt", "a", "--controlnet", cn, "--control-image", photo, *extra,
+          "--out", tmp_path / "o", out=tmp_path)
+
+
+def test_controlnet_needs_both_flags_and_a_readable_image(tmp_path, capsys, controlnet_files):
+    cn, photo = controlnet_files
+    base = ["--preset", "tiny", "--prompt", "a", "--out", tmp_path / "o"]
+    fails(capsys, "--control-image need --controlnet", *base, "--control-image", photo, out=tmp_path)
+    fails(capsys, "--controlnet needs --control-image", *base, "--controlnet", cn, out=tmp_path)
+    fails(capsys, f"cannot read control image {tmp_path / 'none.png'}", *base, "--controlnet", cn, "--control-image",
+          tmp_path / "none.png", out=tmp_path)
+    fails(capsys, "no such ControlNet file or folder", *base, "--controlnet", tmp_path / "x.safetensors",
+          "--control-image", photo, out=tmp_path)
+    fails(capsys, "the SD3.5 ControlNets are made for SD3.5 Large: use --preset large or large_turbo, not medium",
+          "--preset", "medium", "--prompt", "a", "--controlnet", cn, "--control-image", photo, "--out", tmp_path / "o",
+          out=tmp_path)

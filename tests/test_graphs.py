@@ -31,7 +31,7 @@ def pass_inputs(batch, h, w, n_ctx, seed=0):
     cfg = TINY_MMDITX_CONFIG
     return dict(
         x=torch.randn(batch, 16, h, w, generator=g).cuda(),
-        t=torch.full((batch,), 857.5),  # the sampler hands over CPU timesteps
+        sigma=torch.full((batch,), 0.85791015625),  # the sampler hands over CPU sigmas
         y=torch.randn(batch, cfg.adm_in_channels, generator=g).cuda().bfloat16(),
         context=torch.randn(batch, n_ctx, cfg.context_dim, generator=g).cuda().bfloat16(),
     )
@@ -51,7 +51,7 @@ def test_replay_equals_eager_for_every_pass_and_shape():
     ]
     for inputs, skip in cases:
         for seed in (0, 1):  # the second call replays with new inputs copied into the static buffers
-            inputs = {k: v if k == "t" else v + seed for k, v in inputs.items()}
+            inputs = {k: v if k == "sigma" else v + seed for k, v in inputs.items()}
             expected = eager(**inputs, skip_layers=skip)
             got = graphed(**inputs, skip_layers=skip)
             assert torch.equal(got, expected), (inputs["x"].shape, skip, (got - expected).abs().max())
@@ -67,3 +67,22 @@ def test_pipeline_with_graphs_gives_the_eager_images():
     a = np.stack([np.asarray(im) for im in graphed("a red cube", **kw)])
     b = np.stack([np.asarray(im) for im in eager("a red cube", **kw)])
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_replay_with_controlnet_inputs_equals_eager(tmp_path):
+    """The control latent and strength are graph inputs: new values replay correctly, no stale capture."""
+    from fastsd35.controlnet import load_controlnet
+    from fastsd35.tiny import write_tiny_controlnet
+
+    controlnet = load_controlnet(write_tiny_controlnet(tmp_path / "cn.safetensors"), device="cuda", dtype=torch.bfloat16)
+    transformer, _, _ = tiny_components(device="cuda", dtype=torch.bfloat16)
+    eager = TransformerPass(transformer, controlnet)
+    graphed = CUDAGraphPasses(TransformerPass(transformer, controlnet), "cuda")
+    inputs = pass_inputs(2, 32, 32, 154)
+    for seed, strength in ((0, 1.0), (1, 0.5)):
+        latent = torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(seed)).cuda()
+        control = (latent, torch.tensor(strength, device="cuda"))
+        assert torch.equal(graphed(**inputs, control=control), eager(**inputs, control=control))
+    assert len(graphed.graphs) == 1

@@ -9,11 +9,12 @@ from PIL import Image
 from test_model import make_diffusers as diffusers_transformer
 from test_vae import make_diffusers as diffusers_vae
 
+import fastsd35.runner
 import fastsd35.sampling
 from fastsd35 import CheckpointError, FastSD35Error
 from fastsd35.runner import Pipeline
 from fastsd35.sampling import SLGConfig, initial_latent, make_noise
-from fastsd35.tiny import write_tiny_model
+from fastsd35.tiny import write_tiny_controlnet, write_tiny_model
 
 SMALL = dict(steps=4, width=64, height=48, progress=False)
 
@@ -59,9 +60,11 @@ def run_both(tiny, prompts, seed):
 
 
 def test_matches_diffusers_pipeline(tiny, monkeypatch):
-    """Euler, cfg 4.5, T5 length 77 on both sides, the same initial latents. diffusers feeds the model fp32 sigmas;
-    with ours fed the same (instead of the reference's fp16-rounded ones) the images agree to one level in 255."""
+    """Euler, cfg 4.5, T5 length 77 on both sides, the same initial latents. diffusers feeds the model fp32 sigmas
+    and timesteps; with ours fed the same (instead of the reference's fp16-rounded ones) the images agree to one
+    level in 255."""
     monkeypatch.setattr(fastsd35.sampling, "model_sigma", lambda sigma: sigma)
+    monkeypatch.setattr(fastsd35.runner, "model_timestep", lambda sigma: sigma * 1000)
     ours, ref = run_both(tiny, ["a red cube on a table", "two cats"], seed=11)
     assert ours.std() > 10  # a real image, not a flat one
     diff = np.abs(ours - ref)
@@ -155,3 +158,48 @@ def test_preset_checkpoint_mismatch_is_caught_before_loading(tmp_path):
     (folder / "tiny.safetensors").rename(folder / "sd3.5_medium.safetensors")
     with pytest.raises(CheckpointError, match=r"holds a custom transformer, but preset 'medium' needs sd3\.5_medium"):
         Pipeline.from_pretrained(folder, "medium", device="cpu")
+
+
+# -- ControlNet ---------------------------------------------------------------------------------------------------
+
+
+def edges_image():
+    image = np.zeros((48, 64, 3), dtype=np.uint8)
+    image[10:38, 16:48] = 255
+    return Image.fromarray(image)
+
+
+def test_controlnet_pipeline(tmp_path, tiny):
+    cn_file = write_tiny_controlnet(tmp_path / "cn.safetensors", "canny")
+    pipe = Pipeline.from_preset("tiny", device="cpu", controlnet=cn_file)
+    assert pipe.controlnet.control_name == "canny"
+    s = pipe.preset.resolve()
+    assert (s.shift, s.steps, s.cfg, s.sampler, s.slg) == (3.0, 60, 3.5, "euler", None)  # the ControlNet settings
+
+    kw = dict(SMALL, sampler="euler", cfg=3.5)
+    control = pipe.encode_control(edges_image(), 64, 48, seed=23)
+    assert control.shape == (1, 16, 6, 8)
+    steered = pixels(pipe("a house", control_image=control, **kw))
+    torch.testing.assert_close(pipe.encode_control(edges_image(), 64, 48, seed=23), control, atol=0, rtol=0)
+    np.testing.assert_array_equal(pixels(pipe("a house", control_image=edges_image(), **kw)), steered)
+    # Strength 0 adds zero residuals: exactly the plain transformer's image at the same settings.
+    np.testing.assert_array_equal(pixels(pipe("a house", control_image=control, control_strength=0.0, **kw)),
+                                  pixels(tiny("a house", **kw)))  # fmt: skip
+    assert np.abs(steered - pixels(tiny("a house", **kw))).max() > 10
+    assert np.abs(pixels(pipe("a house", control_image=control, control_strength=0.5, **kw)) - steered).max() > 0
+
+    with pytest.raises(FastSD35Error, match="a ControlNet needs a control image"):
+        pipe("a house", **kw)
+    with pytest.raises(FastSD35Error, match=r"a control image needs a ControlNet \(--controlnet\)"):
+        tiny("a house", control_image=control, **kw)
+
+
+def test_controlnet_for_another_transformer_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from fastsd35.controlnet import ControlNet, ControlNetConfig
+
+    other = ControlNet(ControlNetConfig(num_layers=1, hidden_size=192, pooled_dim=64))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "cn.safetensors"))
+    with pytest.raises(CheckpointError, match=r"cn\.safetensors \(a 1-block ControlNet, hidden size 192\) does not fit the custom transformer"):
+        Pipeline.from_preset("tiny", device="cpu", controlnet=tmp_path / "cn.safetensors")

@@ -14,6 +14,7 @@ from fastsd35.sampling import (
     initial_latent,
     make_noise,
     model_sigma,
+    model_timestep,
     sample,
 )
 
@@ -145,8 +146,8 @@ class RecordingModel:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, x, t, y, context, *, skip_layers=(), controlnet=True):
-        self.calls.append(dict(batch=x.shape[0], t=t.clone(), y=y.clone(), skip=tuple(skip_layers), controlnet=controlnet))
+    def __call__(self, x, sigma, y, context, *, skip_layers=(), control=None):
+        self.calls.append(dict(batch=x.shape[0], sigma=sigma.clone(), y=y.clone(), skip=tuple(skip_layers), control=control))
         return velocity(x, y, context, skip_layers)
 
 
@@ -181,13 +182,14 @@ def test_cfg_at_most_one_runs_only_the_cond_pass():
     torch.testing.assert_close(out, x - velocity(x, cond[1], cond[0]) * 0.5)
 
 
-def test_model_sees_fp16_rounded_sigma():
+def test_model_sees_fp16_rounded_sigma_and_timestep():
     model = RecordingModel()
     cond, uncond = conds(1)
     CFGDenoiser(model, cond, uncond, cfg=1.0, steps=4)(torch.zeros(1, 16, 2, 2), torch.tensor(0.857692), 0)
-    expected = torch.tensor(0.857692).half().float() * 1000
-    assert model.calls[0]["t"].tolist() == [expected.item()]
-    assert expected.item() != pytest.approx(857.692, abs=1e-3)  # the rounding is visible
+    assert model.calls[0]["sigma"].tolist() == [0.85791015625]  # fp16(0.857692)
+    # The transformer's timestep is fp16(0.85791015625 * 1000) = 858.0 (fp16 steps by 0.5 there), not 857.91.
+    assert model_timestep(model.calls[0]["sigma"]).tolist() == [858.0]
+    assert model_timestep(torch.tensor([0.008929]).half().float()).tolist() == [8.9296875]
 
 
 @pytest.mark.parametrize("steps, active", [(50, list(range(1, 10))), (60, list(range(1, 12))), (10, [1])])
@@ -208,7 +210,7 @@ def test_slg_runs_on_exactly_the_reference_steps(steps, active):
             step += 1
         else:
             steps_with_slg.append(step)
-            assert c["skip"] == (7, 8, 9) and c["batch"] == 2 and not c["controlnet"]
+            assert c["skip"] == (7, 8, 9) and c["batch"] == 2 and c["control"] is None
             assert c["y"].eq(0.5).all()  # cond only
     assert steps_with_slg == active and len(skipped) == len(active)
 
@@ -224,3 +226,13 @@ def test_slg_formula():
     pos = x - velocity(x, cond[1], cond[0]) * 0.5
     skipped = x - velocity(x, cond[1], cond[0], skip_layers=(1,)) * 0.5
     torch.testing.assert_close(out, plain + (pos - skipped) * 2.5)
+
+
+def test_control_goes_to_the_guidance_passes_only():
+    model = RecordingModel()
+    cond, uncond = conds()
+    control = (torch.ones(1, 16, 2, 2), torch.tensor(0.7))
+    slg = SLGConfig(start=0.0, end=1.0, layers=(1,))
+    CFGDenoiser(model, cond, uncond, cfg=4.0, steps=10, slg=slg, control=control)(torch.zeros(2, 16, 2, 2), torch.tensor(0.5), 3)
+    CFGDenoiser(model, cond, uncond, cfg=1.0, steps=10, control=control)(torch.zeros(2, 16, 2, 2), torch.tensor(0.5), 3)
+    assert [(c["batch"], c["skip"], c["control"] is control) for c in model.calls] == [(4, (), True), (2, (1,), False), (2, (), True)]
