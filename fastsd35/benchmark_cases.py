@@ -133,7 +133,9 @@ def random_weights_(module: nn.Module, seed: int = 0) -> nn.Module:
         for name, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
             if not t.is_floating_point():
                 continue
-            g = generators.get(t.device) or generators.setdefault(t.device, torch.Generator(t.device).manual_seed(seed))
+            if t.device not in generators:
+                generators[t.device] = torch.Generator(t.device).manual_seed(seed)
+            g = generators[t.device]
             if name == "weight" and isinstance(mod, _MATRICES):
                 t.normal_(0.0, t[0].numel() ** -0.5, generator=g)
             elif name == "weight":
