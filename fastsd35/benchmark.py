@@ -319,7 +319,8 @@ def shape_text(shape: dict) -> str:
 
 
 def format_table(record: dict) -> str:
-    """One line per contender: case, shape, median ms, TFLOP/s or GB/s, peak memory, ratios to the baselines."""
+    """One line per contender: case, shape, median ms, TFLOP/s or GB/s, peak memory, ratios to the baselines (and the
+    stage times of a generation)."""
     rows = [("case", "shape", "contender", "median ms", "rate", "peak GiB", "vs baselines")]
     for case in record["cases"]:
         title = f"{case['part']} {case['name']} [{case['model']}]"
@@ -332,6 +333,8 @@ def format_table(record: dict) -> str:
             peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
             ratios = ", ".join(f"{v:.2f}x {b}" for b, v in r["ratios"].items())
             vs = "baseline" + (f" ({ratios})" if ratios else "") if r["baseline"] else ratios or "-"
+            if stages := r.get("extra", {}).get("stages_ms"):
+                vs += "; " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + " ms"
             rows.append((title, shape_text(case["shape"]), r["contender"], f"{r['median_ms']:.3f}", rate, peak, vs))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     right = {3, 4, 5}

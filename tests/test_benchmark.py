@@ -172,6 +172,8 @@ def test_cli_bench_quick_prints_the_table(quick_run):
     assert "TFLOP/s" in step[0] and "x diffusers" in step[0] and "x torch" in step[1]
     assert any("GB/s" in line for line in body if line.startswith("kernels ln_modulate"))
     assert "skipped: Triton's interpreter is not timed" in stdout
+    e2e = [line for line in body if line.startswith("e2e tiny")]
+    assert "baseline; encode " in e2e[0] and ", sample " in e2e[0] and ", decode " in e2e[0]
 
 
 def test_cpu_results_schema(quick_run):
