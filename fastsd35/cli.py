@@ -1,4 +1,5 @@
-"""The command line: `fastsd35 run` turns prompts into PNGs.
+"""The command line: `fastsd35 run` turns prompts into PNGs; `fastsd35 bench` times the kernels, the transformer step
+and a generation (fastsd35.benchmark).
 
 Every user mistake ends in one line on stderr and exit status 2, found before any model is loaded where possible,
 and never with a file written or overwritten.
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import __version__, kernels
+from . import __version__, benchmark, kernels
 from .checkpoints import transformer_config
 from .errors import FastSD35Error
 from .outputs import image_name, output_folder, png_bytes, read_record, write_png
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default outputs/)")
     out.add_argument("--overwrite", action="store_true", help="replace existing files instead of writing name-2.png")
     run.set_defaults(handler=run_command)
+    bench = commands.add_parser("bench", help="time the kernels, the transformer step and a generation",
+                                description="Time the kernels, the transformer step and a whole generation against "
+                                            "their baselines; print a table and write the results as JSON.")
+    benchmark.add_arguments(bench)
+    bench.set_defaults(handler=benchmark.bench_command)
     return parser
 
 
