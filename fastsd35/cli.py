@@ -177,6 +177,8 @@ def plan(args) -> Job:
     t5_tokens = 256 if args.t5_tokens is None else args.t5_tokens
     if not 1 <= t5_tokens <= MAX_T5_TOKENS:
         raise FastSD35Error(f"--t5-tokens must be between 1 and {MAX_T5_TOKENS}, got {t5_tokens}")
+    if args.denoise is not None and args.init_image is None:
+        raise FastSD35Error("--denoise needs --init-image (it sets how much of the init image is repainted)")
     init_image = _open_image(args.init_image, "init image") if args.init_image else None
     control = _control(args)
     if control:
@@ -335,6 +337,9 @@ def _max_pixels(preset: Preset) -> int:
 
 def _preset_from_checkpoint(model: Path) -> Preset:
     """The preset a checkpoint implies, read from its tensor shapes (never from its file name)."""
+    if not model.exists():
+        raise FastSD35Error(f"no --preset given and {model} does not exist to read one from: pass --preset "
+                            f"({', '.join(PRESETS)}) and --model")
     if model.is_dir() and not ((model / "transformer").is_dir() or (model / "model_index.json").is_file()):
         names = {name for p in PRESETS.values() for name in p.checkpoints}
         found = sorted(p.name for p in model.glob("*.safetensors") if p.name in names)

@@ -159,6 +159,24 @@ def test_bad_denoise_and_init_image(tmp_path, capsys):
           "--init-image", tmp_path / "missing.png", "--out", tmp_path / "o", out=tmp_path)
 
 
+def test_denoise_without_init_image(tmp_path, capsys):
+    fails(capsys, "--denoise needs --init-image", "--preset", "tiny", "--prompt", "a", "--denoise", 0.5,
+          "--out", tmp_path / "o", out=tmp_path)
+
+
+def test_preset_read_from_the_checkpoint_or_asked_for(tmp_path, capsys):
+    fails(capsys, "no --preset given and", "--model", tmp_path / "none", "--prompt", "a", "--out", tmp_path / "o", out=tmp_path)
+    from safetensors.torch import save_file
+
+    from fastsd35.model import MMDiTX
+    from fastsd35.tiny import TINY_MMDITX_CONFIG
+
+    sd = {"model.diffusion_model." + k: v.contiguous() for k, v in MMDiTX(TINY_MMDITX_CONFIG).state_dict().items()}
+    save_file(sd, str(tmp_path / "mine.safetensors"))
+    fails(capsys, "mine.safetensors: holds a custom transformer (presets: tiny): pass --preset",
+          "--model", tmp_path / "mine.safetensors", "--prompt", "a", "--out", tmp_path / "o", out=tmp_path)
+
+
 def test_prompt_problems(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
