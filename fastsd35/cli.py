@@ -261,7 +261,7 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
         "height": s.height,
         "slg": None if slg is None else {"scale": slg.scale, "start": slg.start, "end": slg.end, "layers": list(slg.layers), "cfg": slg.cfg},
         "init_image": str(job.init_image_path) if job.init_image_path else None,
-        "denoise": s.denoise,
+        "denoise": s.denoise if job.init_image_path else None,
         "dtype": {v: k for k, v in DTYPES.items()}[pipe.transformer.dtype],
         "t5_tokens": job.t5_tokens,
         "no_t5": not job.t5,
