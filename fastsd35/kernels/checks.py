@@ -42,6 +42,14 @@ def check_tensor(op: str, name: str, t, ndim: int, dtype: torch.dtype | None = N
         raise ValueError(f"{op}: {name} is on {t.device}; the Triton kernels run on CUDA (or the CPU interpreter)")
 
 
+HEAD_DIMS = (64, 128)  # the head sizes the attention-side kernels are built for
+
+
+def check_head_dim(op: str, head_dim: int) -> None:
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"{op}: head dim {head_dim} is not supported (supported: {', '.join(map(str, HEAD_DIMS))})")
+
+
 def check_shape(op: str, name: str, t: torch.Tensor, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")

@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import INTERPRET, check_shape, check_tensor, check_writable_rows, unit_last_stride
+from .checks import INTERPRET, check_head_dim, check_shape, check_tensor, check_writable_rows, unit_last_stride
 
-HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
 
 
@@ -125,8 +124,7 @@ def joint_attention(q, k, v, out_ctx, out_x, n_ctx: int) -> None:
     op = "joint_attention"
     check_tensor(op, "q", q, 4)
     B, H, L, Dh = q.shape
-    if Dh not in HEAD_DIMS:
-        raise ValueError(f"{op}: head dim {Dh} is not supported (supported: {', '.join(map(str, HEAD_DIMS))})")
+    check_head_dim(op, Dh)
     for name, t in (("k", k), ("v", v)):
         check_tensor(op, name, t, 4, q.dtype, q.device)
         check_shape(op, name, t, q.shape)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .checks import check_shape, check_tensor, check_writable_rows, unit_last_stride
+from .checks import check_head_dim, check_shape, check_tensor, check_writable_rows, unit_last_stride
 
 EPS = 1e-6
-HEAD_DIMS = (64, 128)
 BLOCK_L = 32  # rows per program: a 32 x 128 fp32 tile per tensor keeps 4 warps busy without spilling
 
 
@@ -65,8 +64,7 @@ def split_qkv_rmsnorm(qkv, q_weight, k_weight, q_out, k_out, v_out, seq_offset: 
     op = "split_qkv_rmsnorm"
     check_tensor(op, "q_out", q_out, 4)
     B, H, L_total, Dh = q_out.shape
-    if Dh not in HEAD_DIMS:
-        raise ValueError(f"{op}: head dim {Dh} is not supported (supported: {', '.join(map(str, HEAD_DIMS))})")
+    check_head_dim(op, Dh)
     for name, t in (("k_out", k_out), ("v_out", v_out)):
         check_tensor(op, name, t, 4, q_out.dtype, q_out.device)
         check_shape(op, name, t, q_out.shape)
