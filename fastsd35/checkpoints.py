@@ -73,6 +73,7 @@ class TensorSource:
         # headers: file -> its safetensors header; rename: exposed key -> stored key (default: every stored key)
         self.files = {key: path for path, header in headers.items() for key in header}
         self._shapes = {key: tuple(entry["shape"]) for header in headers.values() for key, entry in header.items()}
+        self._dtypes = {key: str(entry.get("dtype")) for header in headers.values() for key, entry in header.items()}
         self.rename = rename if rename is not None else {k: k for k in self.files}
         self.label = label
         self._stack = ExitStack()
@@ -87,6 +88,11 @@ class TensorSource:
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: self._shapes[stored] for k, stored in self.rename.items()}
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """The safetensors dtype ("BF16", "F8_E4M3", ...) of each key, from the headers."""
+        return {k: self._dtypes[stored] for k, stored in self.rename.items()}
 
     def get(self, key: str) -> torch.Tensor:
         stored = self.rename[key]
