@@ -23,10 +23,11 @@ from .errors import FastSD35Error
 from .outputs import image_name, output_folder, png_bytes, read_record, write_png
 from .model import CONFIGS
 from .presets import CONTROL_TYPES, PRESETS, Preset, Settings, get_preset
+from .quantization import FP8_DTYPE, is_quantized
 from .sampling import SAMPLERS, SLGConfig
 from .tiny import TINY_MMDITX_CONFIG
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": FP8_DTYPE}
 PRESET_OF_VARIANT = {"sd3_medium": "sd3_medium", "sd3.5_medium": "medium"}  # sd3.5_large: large or large_turbo
 MAX_T5_TOKENS = 512
 
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--canny-high", type=float, help="canny: high hysteresis threshold (default 200)")
     cn.add_argument("--blur-radius", type=float, help="blur: Gaussian radius in pixels (default 5)")
     hw = run.add_argument_group("hardware and text encoding")
-    hw.add_argument("--dtype", choices=DTYPES, help="transformer/VAE precision (default bf16 on CUDA, fp32 on CPU)")
+    hw.add_argument("--dtype", choices=DTYPES, help="transformer/VAE precision (default bf16 on CUDA, fp32 on CPU); "
+                    "fp8: the transformer's block Linears in FP8 (FP8 GEMMs on sm_89+), the rest at the default")
     hw.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     hw.add_argument("--text-encoder-device", default="auto", help="where CLIP/T5 run: auto (GPU when it fits), cuda or cpu")
     hw.add_argument("--no-graphs", action="store_true", help="run the transformer eagerly instead of from CUDA graphs")
@@ -262,7 +264,7 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
         "slg": None if slg is None else {"scale": slg.scale, "start": slg.start, "end": slg.end, "layers": list(slg.layers), "cfg": slg.cfg},
         "init_image": str(job.init_image_path) if job.init_image_path else None,
         "denoise": s.denoise if job.init_image_path else None,
-        "dtype": {v: k for k, v in DTYPES.items()}[pipe.transformer.dtype],
+        "dtype": "fp8" if is_quantized(pipe.transformer) else {v: k for k, v in DTYPES.items()}[pipe.transformer.dtype],
         "t5_tokens": job.t5_tokens,
         "no_t5": not job.t5,
         "controlnet": control,

@@ -20,6 +20,7 @@ from .errors import CheckpointError, FastSD35Error
 from .graphs import CUDAGraphPasses
 from .model import FastMMDiTX, MMDiTX
 from .presets import Preset, Settings, get_preset
+from .quantization import is_fp8, quantize_
 from .sampling import CFGDenoiser, get_sigmas, img2img_sigmas, initial_latent, make_noise, model_timestep, sample
 from .vae import SDVAE, image_to_tensor, load_vae, process_in, process_out, tensor_to_images
 
@@ -98,7 +99,7 @@ class Pipeline:
         model: str | Path,
         preset: Preset | str,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device=None,
         t5: bool = True,
         t5_tokens: int = 256,
@@ -112,7 +113,8 @@ class Pipeline:
         `fast` runs the transformer on the Triton kernels (FastMMDiTX); `graphs` replays its passes from CUDA graphs
         (default: on CUDA). Text encoders go on the GPU when they fit beside the transformer
         (`text_encoder_device="auto"`), else on the CPU. `controlnet`: an SD3.5 ControlNet file or diffusers folder
-        (`control_type` names its kind when the files do not)."""
+        (`control_type` names its kind when the files do not). `dtype="fp8"`: the transformer's (and ControlNet's)
+        block Linears in FP8 (fastsd35.quantization), everything else in the device's default dtype."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
@@ -129,7 +131,7 @@ class Pipeline:
             cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type, dtype=dtype, device=device)
             if cn is not None:
                 check_compatible(cn, transformer)
-            vae = load_vae(files.vae, dtype=dtype, device=device)
+            vae = load_vae(files.vae, dtype=default_dtype(device) if is_fp8(dtype) else dtype, device=device)
             te_device = _text_encoder_device(text_encoder_device, device, t5)
             text = load_text_encoders(
                 files.text_encoders, device=te_device, dtype=default_dtype(te_device), t5=t5, t5_tokens=t5_tokens,
@@ -151,8 +153,12 @@ class Pipeline:
         timings = {}
         with _stage("load", timings, device):
             dtype = dtype or default_dtype(device)
+            fp8, dtype = is_fp8(dtype), default_dtype(device) if is_fp8(dtype) else dtype
             transformer, vae, text = tiny.tiny_components(seed, device=device, dtype=dtype, t5=t5, t5_tokens=t5_tokens)
-            cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type, dtype=dtype, device=device)
+            if fp8:
+                quantize_(transformer)
+            cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type,
+                                                                 dtype="fp8" if fp8 else dtype, device=device)
         pipe = cls(transformer, vae, text, "tiny", controlnet=cn, graphs=graphs)
         pipe.timings.update(timings)
         return pipe
