@@ -43,7 +43,9 @@ def safetensors_header(path: Path) -> dict[str, dict]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        opens_json = f.read(1) == b"{"  # a safetensors header; its length bytes may look like a pickle's magic
+        f.seek(8)
+        if (head[:2] == b"PK" or head[:1] == b"\x80") and not opens_json:
             raise CheckpointError(
                 f"{path}: this is a PyTorch pickle checkpoint (.ckpt/.pt/.bin); fastsd35 only reads .safetensors files"
             )
