@@ -299,3 +299,16 @@ def test_controlnet_needs_both_flags_and_a_readable_image(tmp_path, capsys, cont
     fails(capsys, "the SD3.5 ControlNets are made for SD3.5 Large: use --preset large or large_turbo, not medium",
           "--preset", "medium", "--prompt", "a", "--controlnet", cn, "--control-image", photo, "--out", tmp_path / "o",
           out=tmp_path)
+
+
+def test_tiny_in_fp8_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run("--preset", "tiny", "--dtype", "fp8", "--prompt", "a red cube", "--out", out, *FAST) == 0
+    with Image.open(out / "tiny_a-red-cube_23.png") as image:
+        record = json.loads(image.info[METADATA_KEY])
+        fp8 = np.asarray(image).astype(np.float32)
+    assert record["dtype"] == "fp8" and fp8.std() > 0
+    assert run("--preset", "tiny", "--prompt", "a red cube", "--out", out, *FAST) == 0
+    with Image.open(out / "tiny_a-red-cube_23-2.png") as image:
+        full = np.asarray(image).astype(np.float32)
+    assert 0 < np.abs(fp8 - full).mean() < 8  # the same image within FP8's error (8 of 255 on average)
