@@ -50,8 +50,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (kernels/fused_adaln_modulate.py, `fp8_out`) compute exactly this."""
     xf = x.float()
     amax = xf.abs().amax(-1, keepdim=True).clamp_min(AMAX_FLOOR)
-    q = (xf * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, amax / FP8_MAX
+    fp8_max = torch.full_like(amax, FP8_MAX)  # tensor / tensor: one IEEE division (a scalar's is not, on every device)
+    q = (xf * (fp8_max / amax)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, amax / fp8_max
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
