@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import kernels
 from .errors import CheckpointError
 from .kernels.reference import rms_norm
-from .quantization import fp8_linear, keeping_dtype
+from .quantization import fp8_gemm_available, fp8_linear, fp8_row_ops, keeping_dtype
 from .weights import StrictLoading
 
 HEAD_DIM = 64  # the reference's "magic": hidden = 64 * depth, heads = depth
@@ -588,7 +588,11 @@ class FastMMDiTX(MMDiTX):
     interpreter on CPU with TRITON_INTERPRET=1, otherwise the reference ops)."""
 
     def ops(self, device) -> SimpleNamespace:
-        return kernels.ops_for(device)
+        ops = kernels.ops_for(device)
+        if ops is not kernels.REFERENCE_OPS and self._adaln_s is not None and fp8_gemm_available(device) \
+                and self._adaln_linears()[0].fp8_matmul:
+            return fp8_row_ops(ops)  # FP8 model: the row kernels also write the FP8 GEMMs' quantized inputs
+        return ops
 
     @classmethod
     def from_mmditx(cls, model: MMDiTX) -> "FastMMDiTX":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import sys
 from functools import lru_cache
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -99,12 +100,40 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     N, K = weight.shape
     lead = x.shape[:-1]
     if fp8_matmul and _scaled_mm_takes(x):
-        q, s = quantize_rows(x.reshape(-1, K))
+        rows = getattr(x, "fp8_rows", None)  # written by the row kernel that made x (fp8_row_ops)
+        q, s = (rows[0].reshape(-1, K), rows[1].reshape(-1, 1)) if rows is not None else quantize_rows(x.reshape(-1, K))
         y = torch._scaled_mm(q, weight.t(), scale_a=s, scale_b=weight_scale[None], bias=bias, out_dtype=x.dtype)
     else:
         w = weight.to(x.dtype) * weight_scale[:, None].to(x.dtype)
         y = F.linear(x.reshape(-1, K), w, bias)
     return y.view(*lead, N)
+
+
+_row_ops: dict[int, SimpleNamespace] = {}
+
+
+def fp8_row_ops(ops: SimpleNamespace) -> SimpleNamespace:
+    """The Triton op set `ops` with row ops that also quantize their outputs for the FP8 GEMMs that read them, in the
+    same pass (kernels/fused_adaln_modulate.py, FP8 out). The FP8 rows ride on the output tensor as `fp8_rows` =
+    (q (B, L, D), scale (B, L, 1)); fp8_linear takes them instead of quantizing again; anything else ignores them."""
+    if id(ops) not in _row_ops:
+        from .kernels import fused_adaln_modulate as k
+
+        def ln_modulate(x, shift, scale):
+            y, y.fp8_rows = k.ln_modulate_fp8(x, shift, scale)
+            return y
+
+        def ln_modulate2(x, shift1, scale1, shift2, scale2):
+            y1, y2, y1.fp8_rows, y2.fp8_rows = k.ln_modulate2_fp8(x, shift1, scale1, shift2, scale2)
+            return y1, y2
+
+        def gated_residual_ln_modulate(x, y, gate, shift, scale, y2=None, gate2=None):
+            x_new, h, h.fp8_rows = k.gated_residual_ln_modulate_fp8(x, y, gate, shift, scale, y2, gate2)
+            return x_new, h
+
+        _row_ops[id(ops)] = SimpleNamespace(**{**vars(ops), "ln_modulate": ln_modulate, "ln_modulate2": ln_modulate2,
+                                               "gated_residual_ln_modulate": gated_residual_ln_modulate})
+    return _row_ops[id(ops)]
 
 
 def _scaled_mm_takes(x: torch.Tensor) -> bool:
