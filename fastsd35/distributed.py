@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -153,8 +154,9 @@ def _collective(what: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, ConnectionError) as e:  # DistBackendError, gloo's "Connection closed by peer", timeouts
+        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0]).split(". ")[0]  # no source path
         raise LostContact(f"lost contact with the other ranks while {what} (another rank failed or was stopped): "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                          f"{first or type(e).__name__}") from None
 
 
 def agree(ranks: Ranks, error: FastSD35Error | None):
@@ -219,24 +221,28 @@ def write_images(ranks: Ranks, out: Path | None, n_units: int, files: Iterable[t
     round's files to rank 0 and one broadcast of the paths it wrote. `out` matters on rank 0 only."""
     files = iter(files)
     written: list[Path] = []
-    bar = tqdm(total=total, desc="images", unit="img", disable=not progress or ranks.rank != 0)
-    for first in range(0, n_units, ranks.workers):
-        payload = None
-        if first + ranks.worker < n_units:
-            j, unit_files = next(files)
-            assert j == first + ranks.worker, (j, first, ranks.worker)
-            payload = (j, unit_files) if ranks.writer else None
-        gathered = [None] * ranks.world_size if ranks.rank == 0 else None
-        _collective("sending images to rank 0", dist.gather_object, payload, gathered, dst=0, group=ranks.control)
-        paths = [None]
-        if ranks.rank == 0:
-            paths[0] = [str(write_png(out, name, data, overwrite))
-                        for _, unit in sorted(p for p in gathered if p is not None) for name, data in unit]
-            bar.update(len(paths[0]))
-        _collective("sharing the file names", dist.broadcast_object_list, paths, src=0, group=ranks.control)
-        written += map(Path, paths[0])
-    bar.close()
+    with tqdm(total=total, desc="images", unit="img", disable=not progress or ranks.rank != 0) as bar:
+        for first in range(0, n_units, ranks.workers):
+            written += _round(ranks, out, n_units, first, files, overwrite, bar)
     return written
+
+
+def _round(ranks: Ranks, out, n_units: int, first: int, files, overwrite: bool, bar) -> list[Path]:
+    """Units first .. first+W-1: this worker's one (if any) made, everyone's written on rank 0, the paths shared."""
+    payload = None
+    if first + ranks.worker < n_units:
+        j, unit_files = next(files)
+        assert j == first + ranks.worker, (j, first, ranks.worker)
+        payload = (j, unit_files) if ranks.writer else None
+    gathered = [None] * ranks.world_size if ranks.rank == 0 else None
+    _collective("sending images to rank 0", dist.gather_object, payload, gathered, dst=0, group=ranks.control)
+    paths = [None]
+    if ranks.rank == 0:
+        paths[0] = [str(write_png(out, name, data, overwrite))
+                    for _, unit in sorted(p for p in gathered if p is not None) for name, data in unit]
+        bar.update(len(paths[0]))
+    _collective("sharing the file names", dist.broadcast_object_list, paths, src=0, group=ranks.control)
+    return [Path(p) for p in paths[0]]
 
 
 # -- fastsd35 run under torchrun ----------------------------------------------------------------------------------
