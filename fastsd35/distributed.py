@@ -28,7 +28,6 @@ remaining workers as soon as one exits non-zero), print one line and exit 1.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import sys
@@ -48,6 +47,7 @@ from .outputs import write_png
 from .sampling import CFGDenoiser
 
 DEFAULT_TIMEOUT_S = 600.0  # the longest any rank waits for the others at one collective
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 def launched() -> bool:
@@ -102,7 +102,10 @@ def check(device: str | None = None, *, cfg_parallel: bool = False) -> tuple[int
     rank, world_size, local_rank = _environment()
     if cfg_parallel and world_size % 2:
         raise FastSD35Error(f"--cfg-parallel pairs the ranks: run an even number of processes, not {world_size}")
-    requested = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        requested = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError:
+        raise FastSD35Error(f"unknown device {device!r}: use cuda or cpu") from None
     if requested.type == "cuda":
         if requested.index is not None and world_size > 1:
             raise FastSD35Error(f"--device {device}: under torchrun each rank takes the GPU LOCAL_RANK names; use --device cuda")
@@ -121,8 +124,8 @@ def init(device: str | None = None, *, cfg_parallel: bool = False, timeout: floa
     """Join the torchrun job (env://): NCCL on CUDA with the GPU LOCAL_RANK names, gloo on the CPU. `timeout` (s)
     bounds every wait for the other ranks. With `cfg_parallel`, ranks 2p and 2p+1 form a pair."""
     rank, world_size, device = check(device, cfg_parallel=cfg_parallel)
-    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
-        raise FastSD35Error(f"the distributed timeout must be a positive number of seconds, got {timeout}")
+    if not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT_S):
+        raise FastSD35Error(f"--dist-timeout must be between 0 and {MAX_TIMEOUT_S:g} seconds, got {timeout}")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)

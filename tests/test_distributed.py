@@ -262,8 +262,21 @@ def test_cfg_parallel_needs_an_even_number_of_ranks(tmp_path, monkeypatch, capsy
     assert run(*FAST, "--prompt", "a cube", "--cfg-parallel", "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert err == ("fastsd35: error: --cfg-parallel pairs the ranks: run an even number of processes, not 3\n" if rank == 0 else "")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--dist-timeout", "0", "--dist-timeout must be between 0 and"), ("--dist-timeout", "nan", "--dist-timeout must be"),
+    ("--dist-timeout", "-5", "--dist-timeout must be"), ("--dist-timeout", "1e300", "--dist-timeout must be"),
+    ("--device", "mps", "torchrun jobs run on cuda (NCCL) or cpu (gloo)"), ("--device", "nonsense", "unknown device"),
+])
+def test_rank_options_are_checked_before_joining(tmp_path, monkeypatch, capsys, option, value, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert run(*FAST, "--prompt", "a cube", option, value, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastsd35: error: ") and message in err and err.count("\n") == 1, err
+    monkeypatch.delenv("RANK")
     with pytest.raises(FastSD35Error, match="RANK and WORLD_SIZE"):
-        monkeypatch.delenv("RANK")
         distributed.init("cpu")
 
 
