@@ -28,6 +28,7 @@ remaining workers as soon as one exits non-zero), print one line and exit 1.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -162,15 +163,31 @@ def _collective(what: str, fn, *args, **kwargs):
                           f"{first or type(e).__name__}") from None
 
 
-def agree(ranks: Ranks, error: FastSD35Error | None):
+def agree(ranks: Ranks, error: FastSD35Error | None, fingerprint: str | None = None):
     """Every rank says whether its step (checking the input, loading) failed; if any did, every rank raises the first
-    failure's error (rank 0's, or 'rank k: ...'), so all stop alike."""
-    errors = [None] * ranks.world_size
-    _collective("comparing the ranks' checks", dist.all_gather_object, errors, None if error is None else str(error),
-                group=ranks.control)
-    for rank, message in enumerate(errors):
+    failure's error (rank 0's, or 'rank k: ...'), so all stop alike. Likewise if the ranks' `fingerprint`s (of the
+    plan) differ: they would write other images than the names say."""
+    said = [None] * ranks.world_size
+    _collective("comparing the ranks' checks", dist.all_gather_object, said,
+                (None if error is None else str(error), fingerprint), group=ranks.control)
+    for rank, (message, _) in enumerate(said):
         if message is not None:
             raise FastSD35Error(message if rank == 0 else f"rank {rank}: {message}")
+    for rank, (_, theirs) in enumerate(said):
+        if theirs != said[0][1]:
+            raise FastSD35Error(f"rank {rank} planned other images than rank 0 (a prompts file, image or option that "
+                                f"differs between machines?): give every rank the same inputs")
+
+
+def fingerprint(job) -> str:
+    """A digest of everything that decides the images of a `cli.Job` (not the device): equal on every rank."""
+    digest = hashlib.sha256(repr((job.preset, str(job.model), job.prompts, job.negative_prompt, job.seed,
+                                  job.batch_size, job.settings, job.dtype, job.t5, job.t5_tokens, job.cfg_parallel,
+                                  job.control and (job.control.strength, job.control.preprocess))).encode())
+    for image in (job.init_image, job.control and job.control.image):
+        if image is not None:
+            digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 class PairDenoiser(CFGDenoiser):
@@ -290,7 +307,7 @@ def _run(args) -> int:
                 out = stack.enter_context(output_folder(args.out))
         except FastSD35Error as e:
             error = e
-        agree(ranks, error)
+        agree(ranks, error, None if error else fingerprint(job))
         job = replace(job, device=ranks.device)
         pipe = error = None
         try:

@@ -254,6 +254,20 @@ def test_bad_input_exits_2_on_every_rank_with_one_line_from_rank_0(tmp_path):
     assert ranks[1].err == ""
     assert not out.exists()
 
+    # ... and so do ranks whose inputs differ (the same file name, another picture): they would plan other images.
+    for rank, colour in enumerate(("red", "blue")):
+        (tmp_path / f"rank{rank}").mkdir()
+        Image.new("RGB", (8, 8), colour).save(tmp_path / f"rank{rank}" / "init.png")
+
+    def rank_1_differs(rank):
+        return run(*FAST, "--prompts-file", prompts, "--init-image", tmp_path / f"rank{rank}" / "init.png", "--out", out)
+
+    ranks = launch(rank_1_differs, tmp_path)
+    assert [r.code for r in ranks] == [2, 2], ranks
+    assert ranks[0].err.startswith("fastsd35: error: rank 1 planned other images than rank 0"), ranks[0].err
+    assert ranks[0].err.count("\n") == 1 and ranks[1].err == ""
+    assert not out.exists()
+
 
 @pytest.mark.parametrize("world_size, rank", [(3, 0), (3, 2)])
 def test_cfg_parallel_needs_an_even_number_of_ranks(tmp_path, monkeypatch, capsys, world_size, rank):
