@@ -134,8 +134,8 @@ def init(device: str | None = None, *, cfg_parallel: bool = False, timeout: floa
     if not dist.is_initialized():
         try:
             dist.init_process_group(backend, timeout=wait, device_id=device if device.type == "cuda" else None)
-        except (RuntimeError, ValueError) as e:
-            raise FastSD35Error(f"cannot join the torchrun job: {str(e).splitlines()[0]}") from None
+        except (RuntimeError, ValueError) as e:  # every rank says so: they may not fail alike
+            raise LostContact(f"cannot join the torchrun job: {str(e).splitlines()[0]}") from None
     control = dist.new_group(backend="gloo", timeout=wait) if backend == "nccl" else None
     pair = None
     if cfg_parallel:
