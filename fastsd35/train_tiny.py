@@ -64,7 +64,10 @@ LOGVAR_TARGET = 2 * math.log(0.05)  # a posterior std of 0.05 in raw latent unit
 def train_vae(images: torch.Tensor, steps: int, seed: int, batch: int = 8, crop: int = 16, lr: float = 5e-4,
               log=print) -> SDVAE:
     """The VAE is convolutional apart from its small mid-block attention: it trains on `crop`-pixel crops at offsets
-    that are multiples of 8 (latent-aligned), a sixteenth of the work of whole 64x64 scenes."""
+    that are multiples of 8 (latent-aligned), a sixteenth of the work of whole 64x64 scenes.
+
+    Measured with seed 0 and 300 steps (whole-scene reconstruction MSE in [-1, 1]; < 0.01 would be needed): 0.23 at
+    lr 5e-4, 0.43 at lr 2e-3; 32 channels (one per norm group) plateaued at 0.27-0.37 with colors wrong."""
     torch.manual_seed(seed)
     vae = SDVAE(tiny.TRAINED_VAE_CONFIG).train()
     with torch.no_grad():  # start with a narrow posterior: a std of 1 would drown the latent the decoder learns from
