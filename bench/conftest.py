@@ -4,10 +4,11 @@ fastsd35/benchmark.py; what is measured: fastsd35/benchmark_cases.py).
 Each test is one contender on one case, and pytest-benchmark groups a case's contenders together. The timing loop is
 pytest-benchmark's own (`benchmark.pedantic`, with the synchronising timer each module sets through
 `pytest.mark.benchmark(timer=...)`), so its table and its --benchmark-json/--benchmark-autosave files hold the
-per-call times. A case's baselines run before its other contenders, so each test's `extra_info` carries its ratios to
-the baselines measured in this run, with its TFLOP/s or GB/s and peak memory. A case's shared inputs are built for its
-first contender and released when the next case starts; each contender builds and frees its own model. At the end
-the whole run is written to bench/results/<device>.json and printed as the table `fastsd35 bench` prints.
+per-call times (for kernels on CUDA: per graph replay, i.e. per `input_sets` calls; the results file divides). Each
+test's `extra_info` carries its ratios to the baselines measured before it in this run (the results file: to all of
+them), with its TFLOP/s or GB/s and peak memory. A case's shared inputs are built for its first contender and
+released when the next case starts; each contender builds and frees its own model. At the end the whole run is
+written to bench/results/<device>.json and printed as the table `fastsd35 bench` prints.
 
 Each contender's first outputs are checked to be finite and to agree with the case's first contender (a failed test
 otherwise). A contender that cannot run here (diffusers not installed, Triton on the CPU, torch.compile failing, out of memory) is
@@ -38,7 +39,7 @@ def pytest_addoption(parser):
 
 
 def pytest_generate_tests(metafunc):
-    """One test per (case, contender) of the module's PART, baselines first within each case."""
+    """One test per (case, contender) of the module's PART, in the case's order."""
     if "contender" not in metafunc.fixturenames:
         return
     models = [m.strip() for m in metafunc.config.getoption("--bench-models").split(",") if m.strip()]

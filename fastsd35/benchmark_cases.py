@@ -1,9 +1,10 @@
 """What the benchmarks measure (`fastsd35.benchmark` times it): the cases, their contenders and their work.
 
 A `Case` is one shape of one workload (a kernel, a transformer step, a whole generation); its contenders are the
-implementations compared on it, baselines first. Nothing is allocated when cases are listed: a case's shared inputs
-are built by `case.inputs()` once for all its contenders, and each contender builds its model or pipeline on entry
-and frees it on exit, so one 8B model at a time is on the device.
+implementations compared on it, baselines first (but torch.compile last: it is the slowest to build). Nothing is
+allocated when cases are listed: a case's shared inputs are built by `case.inputs()` once for all its contenders, and
+each contender builds its model or pipeline on entry and frees it on exit, so one 8B model at a time is on the device
+(two for a moment while diffusers' contenders copy in MMDiTX's random weights).
 
 On CUDA the shapes are the released ones at 1024x1024 (bf16): latent 128x128 (4096 x tokens), context 77 CLIP + 77
 T5 tokens (154) or 77 + 256 (333, the default --t5-tokens), D = 2432 / 1536 and H = 38 / 24 heads of 64 for SD3.5
@@ -461,9 +462,10 @@ def transformer_cases(geo: Geometry, n_ctx: int = CONTEXT_LENGTHS[0]) -> list[Ca
         contenders = [
             Contender("torch", partial(_fastsd35_step, MMDiTX, False, geo), baseline=True),
             Contender("diffusers", partial(_diffusers_step, False, geo), baseline=True),
-            Contender("diffusers+compile", partial(_diffusers_step, True, geo), baseline=True),
             Contender("fastsd35", partial(_fastsd35_step, FastMMDiTX, False, geo)),
             Contender("fastsd35+graphs", partial(_fastsd35_step, FastMMDiTX, True, geo)),
+            # the slowest to build (a minute or more of compilation) comes last: a time limit that stops it loses only it
+            Contender("diffusers+compile", partial(_diffusers_step, True, geo), baseline=True),
         ]
         cases.append(Case("transformer", "step", geo.model, shape, contenders, partial(_step_inputs, geo, batch, n_ctx),
                           flops=mmditx_flops(geo.config, batch, n_ctx, geo.n_x), tag=f"B{batch}"))  # fmt: skip
