@@ -108,8 +108,11 @@ class CUDACapturer:
                 with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                     output = run()
             except BaseException:
-                with contextlib.suppress(RuntimeError):  # the capture's own error is the one to report
-                    graph.reset()  # drop the half-captured graph
+                # torch.cuda.graph's exit leaves the capture stream current when ending the capture fails: restore
+                # the caller's, and drop the half-captured graph (the capture's own error is the one to report).
+                torch.cuda.set_stream(current)
+                with contextlib.suppress(RuntimeError):
+                    graph.reset()
                 raise
             return partial(self._replay, graph), output
 

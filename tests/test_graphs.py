@@ -166,6 +166,7 @@ class RecordingCuda:
         self.events.clear()
         for name, value in dict(is_available=lambda: True, current_device=lambda: cuda.current, Stream=Stream,
                                 current_stream=lambda d=None: Stream(d), stream=stream, device=device, graph=graph,
+                                set_stream=lambda s: cuda.events.append(("set stream", s.device, cuda.current)),
                                 CUDAGraph=CUDAGraph, graph_pool_handle=lambda: ("pool", cuda.current)).items():
             monkeypatch.setattr(torch.cuda, name, value)
 
@@ -179,6 +180,18 @@ def test_capture_happens_on_the_models_device_not_the_current_one(monkeypatch):
     assert cuda.events and all(device in (None, torch.device("cuda:1")) and current == 1
                                for _, device, current in cuda.events), cuda.events
     assert ("capture on", torch.device("cuda:1"), 1) in cuda.events and cuda.current == 0
+
+    calls = []
+
+    def oom_in_capture():  # the warm-up call succeeds, the captured one runs out of memory
+        calls.append(1)
+        if len(calls) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    cuda.events.clear()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        capturer.capture(oom_in_capture)
+    assert cuda.events[-1] == ("set stream", torch.device("cuda:1"), 1)  # the caller's stream is current again
 
 
 def test_stages_synchronise_the_models_device(monkeypatch):
