@@ -6,7 +6,8 @@ Timing. A figure is the median of `rounds` samples. A round is `iterations` back
 `synchronized_timer` (torch.cuda.synchronize(), when CUDA is in use, then time.perf_counter()); a sample is the round's
 time divided by `iterations` (and by the `calls` one call makes, below). The first call is timed on its own and
 reported as `first_ms`: the cold cost (Triton's compilation and autotuning, CUDA graph capture, torch.compile, the
-allocator's first requests) beside the steady state. Then (kernels) two timed calls whose faster one sizes
+allocator's first requests) beside the steady state; building the contender is timed apart (`extra.build_ms`: the
+model's allocation, or for a kernel on CUDA its compilation, autotuning and graph capture). Then (kernels) two timed calls whose faster one sizes
 `iterations` so that a round lasts at least the schedule's `min_round_s` (the synchronisation, some microseconds, is
 then noise), then `warmup_rounds`. pytest-benchmark runs exactly this loop:
 `benchmark.pedantic(fn, rounds=, warmup_rounds=, iterations=)` with its timer set to `synchronized_timer` through
@@ -241,7 +242,9 @@ def run_contender(case: Case, contender: Contender, inputs, *, device, quick=Fal
     result = Result(contender.name, contender.baseline)
     check = check or OutputCheck()
     try:
+        start = synchronized_timer()
         with contender.build(inputs) as prepared:
+            result.extra["build_ms"] = 1e3 * (synchronized_timer() - start)  # kernels on CUDA: compile, tune, capture
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             start = synchronized_timer()
