@@ -123,7 +123,7 @@ for part in "${PARTS[@]}"; do
   echo "== $part (timeout ${limit}s): $cmd"
   [ $DRY = 1 ] && continue
   t0=$SECONDS
-  # SIGINT first: pytest and fastsd35 bench stop cleanly on it (pytest still writes what it measured); KILL 15 s later.
+  # SIGINT first: pytest and fastsd35 bench stop on it and still write what they measured; KILL 15 s later.
   timeout -s INT -k 15 "$limit" $cmd
   rc=$?
   echo "== $part: exit $rc after $((SECONDS - t0))s"

@@ -377,14 +377,21 @@ def run_suite(*, parts=PARTS, models=tuple(MODELS), quick=False, out="bench/resu
     """Run the chosen parts on this machine (CUDA when available), write the JSON; returns (record, path)."""
     env = detect_environment(device)
     results = Results(env, quick=quick)
-    for case in build_cases(env.device, parts, models):
-        with case.inputs() as inputs:
-            check = OutputCheck()
-            for contender in case.contenders:
-                result = run_contender(case, contender, inputs, device=env.device, quick=quick, check=check)
-                results.add(case, result)
-                if log:
-                    log(f"{case.part} {case.id} {contender.name}: {outcome(result)}")
+    try:
+        for case in build_cases(env.device, parts, models):
+            with case.inputs() as inputs:
+                check = OutputCheck()
+                for contender in case.contenders:
+                    result = run_contender(case, contender, inputs, device=env.device, quick=quick, check=check)
+                    results.add(case, result)
+                    if log:
+                        log(f"{case.part} {case.id} {contender.name}: {outcome(result)}")
+    except KeyboardInterrupt:  # e.g. a time limit (bench/gpu_check.sh): keep what was measured
+        if results.timed():
+            path = results.write(out)
+            if log:
+                log(f"interrupted: wrote what was measured to {path}")
+        raise
     return results.record(), results.write(out)
 
 

@@ -391,3 +391,23 @@ def test_gpu_check_script_plans_and_skips_without_cuda(tmp_path):
     bad = run("--budget", "soon")
     assert bad.returncode == 2 and "--budget must be whole seconds" in bad.stderr
     assert sorted((ROOT / "bench" / "results").iterdir()) == before
+
+
+def test_an_interrupted_suite_keeps_what_it_measured(tmp_path, monkeypatch):
+    """A time limit stops `fastsd35 bench` with SIGINT (bench/gpu_check.sh): the cases measured so far are written."""
+    real = fb.run_contender
+    done = []
+
+    def stop_at_the_second(case, contender, *args, **kwargs):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(contender.name)
+        return real(case, contender, *args, **kwargs)
+
+    monkeypatch.setattr(fb, "run_contender", stop_at_the_second)
+    logged = []
+    with one_thread(), pytest.raises(KeyboardInterrupt):
+        fb.run_suite(parts=("kernels",), models=("large",), quick=True, out=tmp_path, log=logged.append)
+    record = results_file(tmp_path)
+    assert [r["contender"] for c in record["cases"] for r in c["results"]] == done == ["torch", "triton"]
+    assert logged[-1] == f"interrupted: wrote what was measured to {tmp_path / (record['device_slug'] + '.json')}"
