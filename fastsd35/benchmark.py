@@ -7,9 +7,9 @@ Timing. A figure is the median of `rounds` samples. A round is `iterations` back
 time divided by `iterations` (and by the `calls` one call makes, below). The first call is timed on its own and
 reported as `first_ms`: the cold cost (Triton's compilation and autotuning, CUDA graph capture, torch.compile, the
 allocator's first requests) beside the steady state; building the contender is timed apart (`extra.build_ms`: the
-model's allocation, or for a kernel on CUDA its compilation, autotuning and graph capture). Then (kernels) two timed calls whose faster one sizes
-`iterations` so that a round lasts at least the schedule's `min_round_s` (the synchronisation, some microseconds, is
-then noise), then `warmup_rounds`. pytest-benchmark runs exactly this loop:
+model's allocation, or for a kernel on CUDA its compilation, autotuning and graph capture). Then (kernels) two timed
+calls whose faster one sizes `iterations` so that a round lasts at least the schedule's `min_round_s` (the
+synchronisation, some microseconds, is then noise), then `warmup_rounds`. pytest-benchmark runs exactly this loop:
 `benchmark.pedantic(fn, rounds=, warmup_rounds=, iterations=)` with its timer set to `synchronized_timer` through
 `@pytest.mark.benchmark(timer=...)`; `fastsd35 bench` runs the same loop in `time_rounds`. (CUDA events inside the
 benchmarked function would leave pytest-benchmark timing the measuring loop instead of the call.)
@@ -265,8 +265,8 @@ def run_contender(case: Case, contender: Contender, inputs, *, device, quick=Fal
                 result.rounds, result.iterations = len(samples), iterations
                 if prepared.eager is not None:
                     eager = time_rounds(prepared.eager, rounds=sched.rounds, warmup_rounds=1, iterations=1)
-                    result.extra["eager_ms"] = 1e3 * statistics.median(eager) / prepared.calls
-                    result.extra["launch_overhead_us"] = max(0.0, 1e3 * (result.extra["eager_ms"] - 1e3 * result.median_s))
+                    eager_ms = result.extra["eager_ms"] = 1e3 * statistics.median(eager) / prepared.calls
+                    result.extra["launch_overhead_us"] = max(0.0, 1e3 * eager_ms - 1e6 * result.median_s)
             if prepared.stages and samples:
                 timed = prepared.stages[-len(samples) * iterations :]
                 result.extra["stages_ms"] = {k: 1e3 * statistics.median(t[k] for t in timed) for k in timed[0]}
@@ -477,6 +477,7 @@ def bench_command(args) -> int:
 
 
 __all__ = [
-    "Environment", "Mismatch", "OutputCheck", "Result", "Results", "SCHEDULES", "Schedule", "bench_command", "detect_environment",
+    "Environment", "Mismatch", "OutputCheck", "Result", "Results", "SCHEDULES", "Schedule", "bench_command",
+    "detect_environment",
     "format_table", "plan_iterations", "run_contender", "run_suite", "synchronized_timer", "time_rounds",
 ]  # fmt: skip

@@ -464,7 +464,7 @@ def transformer_cases(geo: Geometry, n_ctx: int = CONTEXT_LENGTHS[0]) -> list[Ca
             Contender("diffusers", partial(_diffusers_step, False, geo), baseline=True),
             Contender("fastsd35", partial(_fastsd35_step, FastMMDiTX, False, geo)),
             Contender("fastsd35+graphs", partial(_fastsd35_step, FastMMDiTX, True, geo)),
-            # the slowest to build (a minute or more of compilation) comes last: a time limit that stops it loses only it
+            # the slowest to build (a minute or more of compiling) comes last: a time limit that stops it loses only it
             Contender("diffusers+compile", partial(_diffusers_step, True, geo), baseline=True),
         ]
         cases.append(Case("transformer", "step", geo.model, shape, contenders, partial(_step_inputs, geo, batch, n_ctx),
