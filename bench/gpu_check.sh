@@ -38,29 +38,32 @@ case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check.sh: --budget must be whole second
 # Part budgets in seconds (scaled down if --budget is below their sum, 460): they leave ~20 s of the 8 minutes
 # for Python start-up and the summary. The step's torch.compile contender runs last so that a timeout loses only it.
 PARTS=(tests kernels-report kernel-bench step e2e)
-declare -A SECONDS_FOR=([tests]=110 [kernels-report]=50 [kernel-bench]=90 [step]=140 [e2e]=70)
+declare -A SECONDS_FOR=([tests]=100 [kernels-report]=70 [kernel-bench]=90 [step]=130 [e2e]=70)
 SKIPPED=()
 FAILED=()
 START=$SECONDS
 
 skip() { SKIPPED+=("$1: $2"); echo "== skipped $1: $2"; }
 
-# One Python start-up finds out everything the plan depends on: line 1 what can be imported (yes/no for pytest,
-# pytest-benchmark, `fastsd35 kernels`), line 2 the device ("cpu", or "cuda sm_XX <slug> <name>").
+# One Python start-up finds out everything the plan depends on: line 1 what is there (yes/no for pytest,
+# pytest-benchmark, `fastsd35 kernels`, its --dtype), line 2 the device ("cpu", or "cuda sm_XX <slug> <name>").
 INFO="$("$PY" - 2>/dev/null <<'EOF'
 import contextlib, importlib.util, io
 import torch
 from fastsd35 import cli
 
-def kernels_command():
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+def kernels_help():
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.redirect_stderr(io.StringIO()):
         try:
             cli.main(["kernels", "--help"])
         except SystemExit as e:
-            return e.code == 0
-    return False
+            return text.getvalue() if e.code == 0 else ""
+    return ""
 
-found = [importlib.util.find_spec(m) is not None for m in ("pytest", "pytest_benchmark")] + [kernels_command()]
+help_text = kernels_help()
+found = [importlib.util.find_spec(m) is not None for m in ("pytest", "pytest_benchmark")]
+found += [bool(help_text), "--dtype" in help_text]
 print(" ".join("yes" if f else "no" for f in found))
 if torch.cuda.is_available():
     from fastsd35.benchmark import detect_environment
@@ -74,7 +77,7 @@ EOF
 if [ "$(wc -l <<<"$INFO")" != 2 ]; then
   echo "gpu_check.sh: no Python with torch and this checkout's fastsd35 (set PYTHON)" >&2; exit 2
 fi
-read -r HAS_PYTEST HAS_BENCHMARK HAS_KERNELS <<<"$(head -1 <<<"$INFO")"
+read -r HAS_PYTEST HAS_BENCHMARK HAS_KERNELS HAS_KERNELS_DTYPE <<<"$(head -1 <<<"$INFO")"
 read -r KIND ARCH SLUG NAME <<<"$(tail -1 <<<"$INFO")"
 HAVE_CUDA=0; [ "$KIND" = cuda ] && HAVE_CUDA=1
 
@@ -104,7 +107,8 @@ why_not() {
 command_for() {
   case "$1" in
     tests) echo "$PY -m pytest -q -p no:cacheprovider -m gpu tests" ;;
-    kernels-report) echo "$PY -m fastsd35 kernels --arch $ARCH --json $OUT/$SLUG-kernels.json" ;;
+    kernels-report)  # bf16 only when it can: the production dtype, and the full report takes minutes per dtype
+      echo "$PY -m fastsd35 kernels --arch $ARCH$([ "$HAS_KERNELS_DTYPE" = yes ] && echo " --dtype bf16") --json $OUT/$SLUG-kernels.json" ;;
     kernel-bench) echo "$PY -m fastsd35 bench --only kernels --models large,medium --out $OUT" ;;
     step) echo "$PY -m pytest bench/test_transformer.py -q -p no:cacheprovider --bench-quick --bench-models large -k large-step-B2 --bench-out $OUT --benchmark-json $OUT/$SLUG-pytest-benchmark.json" ;;
     e2e) echo "$PY -m fastsd35 bench --only e2e --out $OUT" ;;
