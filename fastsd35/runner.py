@@ -235,7 +235,7 @@ class Pipeline:
                     control_image = self.encode_control(control_image, s.width, s.height, seed)
                 control = (control_image.to(device), torch.tensor(float(control_strength), device=device))
             noise = make_noise(seed, B, (16, s.height // 8, s.width // 8))
-            x = initial_latent(sigmas[0], noise, latent).to(device)
+            x = initial_latent(sigmas[0].to(device), noise.to(device), latent)
             denoiser = CFGDenoiser(self.model_pass, cond, uncond, s.cfg, s.steps, s.slg, control)
             x = sample(s.sampler, denoiser, x, sigmas, progress)
 
