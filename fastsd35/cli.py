@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +24,8 @@ from PIL import Image
 from . import __version__, benchmark, kernels
 from .checkpoints import transformer_config
 from .errors import FastSD35Error
-from .outputs import image_name, output_folder, png_bytes, read_record, write_png
+from .inputs import MAX_PROMPTS_FILE_BYTES, check_device, check_prompts, check_values, open_image, read_user_file
+from .outputs import check_output, image_name, png_bytes, png_size_bound, read_record, write_png
 from .model import CONFIGS
 from .presets import CONTROL_TYPES, PRESETS, Preset, Settings, get_preset
 from .sampling import SAMPLERS, SLGConfig
@@ -93,13 +98,43 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with signals_as_interrupts():
+            return args.handler(args)
     except FastSD35Error as e:
         print(f"fastsd35: error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"fastsd35: {signal.Signals(e.signum).name} received: stopped, nothing partial written", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("fastsd35: interrupted", file=sys.stderr)
         return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt, so the same clean-up runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def signals_as_interrupts():
+    """SIGTERM and SIGHUP end the run as Ctrl-C does (no partial file, exit 128 + the signal's number)."""
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    wanted = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 # -- fastsd35 run -------------------------------------------------------------------------------------------------
@@ -141,25 +176,29 @@ class Control:
 def run_command(args) -> int:
     started = time.perf_counter()
     job = plan(args)
-    with output_folder(args.out) as out:
-        pipe = load(job, args)
-        timings, written = dict(pipe.timings), []
-        control = None
-        if job.control:  # one control latent for the whole run
-            control = pipe.encode_control(job.control.image, job.settings.width, job.settings.height, job.seed)
-        for prompt in job.prompts:
-            gen = pipe.generate(
-                prompt, job.negative_prompt, seed=job.seed, batch_size=job.batch_size, init_image=job.init_image,
-                denoise=job.settings.denoise, steps=job.settings.steps, cfg=job.settings.cfg, shift=job.settings.shift,
-                sampler=job.settings.sampler, width=job.settings.width, height=job.settings.height,
-                slg=job.settings.slg or False, control_image=control,
-                control_strength=job.control.strength if job.control else 1.0,
-            )
-            for stage, seconds in gen.timings.items():
-                timings[stage] = timings.get(stage, 0.0) + seconds
-            for image, seed in zip(gen.images, gen.seeds):
-                data = png_bytes(image, record(job, prompt, seed, pipe))
-                written.append(write_png(out, image_name(job.preset.name, prompt, seed), data, args.overwrite))
+    names = [image_name(job.preset.name, p, job.seed + i) for p in job.prompts for i in range(job.batch_size)]
+    check_output(args.out, names, args.overwrite, len(names) * png_size_bound(job.settings.width, job.settings.height))
+    pipe = load(job, args)
+    with warnings.catch_warnings():  # CLIP's truncation warnings come once, while generating
+        warnings.simplefilter("ignore")
+        pipe.text_encoders.tokenize(job.prompts + [job.negative_prompt])  # every prompt fits, before the first image
+    timings, written = dict(pipe.timings), []
+    control = None
+    if job.control:  # one control latent for the whole run
+        control = pipe.encode_control(job.control.image, job.settings.width, job.settings.height, job.seed)
+    for prompt in job.prompts:
+        gen = pipe.generate(
+            prompt, job.negative_prompt, seed=job.seed, batch_size=job.batch_size, init_image=job.init_image,
+            denoise=job.settings.denoise if job.init_image else None, steps=job.settings.steps, cfg=job.settings.cfg,
+            shift=job.settings.shift, sampler=job.settings.sampler, width=job.settings.width,
+            height=job.settings.height, slg=job.settings.slg or False, control_image=control,
+            control_strength=job.control.strength if job.control else 1.0,
+        )
+        for stage, seconds in gen.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+        for image, seed in zip(gen.images, gen.seeds):
+            data = png_bytes(image, record(job, prompt, seed, pipe))
+            written.append(write_png(args.out, image_name(job.preset.name, prompt, seed), data, args.overwrite))
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
     print(f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.1f} s ({stages})")
     return 0
@@ -169,17 +208,17 @@ def plan(args) -> Job:
     """Check every argument and input file that can be checked without loading a model."""
     if args.from_png:
         _fill_from_record(args, read_record(args.from_png))
+    check_values({k: v for k, v in vars(args).items() if k != "prompt"}, label=lambda name: f"--{name.replace('_', '-')}")
     model = Path(args.model or "models")
     preset = get_preset(args.preset) if args.preset else _preset_from_checkpoint(model)
-    prompts = _prompts(args)
-    if args.batch_size < 1:
-        raise FastSD35Error(f"--batch-size must be at least 1, got {args.batch_size}")
+    prompts = check_prompts(_prompts(args))
     t5_tokens = 256 if args.t5_tokens is None else args.t5_tokens
-    if not 1 <= t5_tokens <= MAX_T5_TOKENS:
-        raise FastSD35Error(f"--t5-tokens must be between 1 and {MAX_T5_TOKENS}, got {t5_tokens}")
     if args.denoise is not None and args.init_image is None:
         raise FastSD35Error("--denoise needs --init-image (it sets how much of the init image is repainted)")
-    init_image = _open_image(args.init_image, "init image") if args.init_image else None
+    device = _device(args.device)
+    if args.text_encoder_device != "auto":
+        check_device(args.text_encoder_device, "--text-encoder-device")
+    init_image = open_image(args.init_image, "init image") if args.init_image else None
     control = _control(args)
     if control:
         if preset.name != "tiny" and preset.variant != "sd3.5_large":
@@ -193,7 +232,7 @@ def plan(args) -> Job:
     return Job(
         preset=preset, model=model, prompts=prompts, negative_prompt=args.negative_prompt or "",
         seed=23 if args.seed is None else args.seed, batch_size=args.batch_size, settings=settings,
-        init_image=init_image, init_image_path=args.init_image, device=_device(args.device),
+        init_image=init_image, init_image_path=args.init_image, device=device,
         dtype=DTYPES[args.dtype] if args.dtype else None, t5=not args.no_t5, t5_tokens=t5_tokens, control=control,
     )
 
@@ -210,7 +249,7 @@ def _control(args) -> Control | None:
         raise FastSD35Error(f"{args.controlnet}: no such ControlNet file or folder")
     if args.control_image is None:
         raise FastSD35Error("--controlnet needs --control-image (edges, a blurred image or a depth map)")
-    image = _open_image(args.control_image, "control image")
+    image = open_image(args.control_image, "control image")
     strength = 1.0 if args.control_strength is None else args.control_strength
     if not math.isfinite(strength):
         raise FastSD35Error(f"--control-strength must be a finite number, got {strength}")
@@ -297,10 +336,11 @@ def _fill_from_record(args, record: dict):
 def _prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
+        data = read_user_file(args.prompts_file, "prompts file", MAX_PROMPTS_FILE_BYTES)
         try:
-            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise FastSD35Error(f"cannot read prompts file {args.prompts_file}: {getattr(e, 'strerror', None) or e}") from None
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise FastSD35Error(f"cannot read prompts file {args.prompts_file}: {e}") from None
         from_file = [line.strip() for line in lines if line.strip()]
         if not from_file:
             raise FastSD35Error(f"prompts file {args.prompts_file} has no prompts (blank lines are skipped)")
@@ -310,24 +350,10 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
-def _open_image(path: Path, what: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise FastSD35Error(f"cannot read {what} {path}: {e}") from None
-
-
 def _device(requested: str | None) -> torch.device:
     if requested is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise FastSD35Error(f"unknown device {requested!r}: use cuda, cuda:N or cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FastSD35Error("--device cuda but CUDA is not available here: use --device cpu")
-    return device
+    return check_device(requested, "--device")
 
 
 def _max_pixels(preset: Preset) -> int:
