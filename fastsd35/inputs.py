@@ -156,18 +156,18 @@ def read_user_file(path, what: str, limit: int) -> bytes:
     return data.getvalue()
 
 
-def open_regular(path, what: str):
-    """A binary file object for `path`, which must be a regular file (FastSD35Error otherwise, without blocking)."""
+def open_regular(path, what: str, error: type[FastSD35Error] = FastSD35Error):
+    """A binary file object for `path`, which must be a regular file (`error` otherwise, without blocking)."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         reason = "not found" if e.errno == errno.ENOENT else e.strerror or str(e)
-        raise FastSD35Error(f"cannot read {what} {path}: {reason}") from None
+        raise error(f"cannot read {what} {path}: {reason}") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
-            raise FastSD35Error(f"cannot read {what} {path}: it is {kind}")
+            raise error(f"cannot read {what} {path}: it is {kind}")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")

@@ -50,7 +50,7 @@ def check_output(folder: Path, names: list[str], overwrite: bool, nbytes: int):
     then leaves no trace, and a folder another run may be writing into is never removed."""
     folder = Path(folder)
     existing = folder
-    while not existing.exists():  # the deepest existing ancestor: what the new folders would be made in
+    while not _exists(existing):  # the deepest existing ancestor: what the new folders would be made in
         if existing.parent == existing:
             break
         existing = existing.parent
@@ -80,6 +80,14 @@ def check_output(folder: Path, names: list[str], overwrite: bool, nbytes: int):
             target = folder / name
             if target.exists() and not target.is_file():
                 raise FastSD35Error(f"--overwrite cannot replace {target}: it is not a file")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        os.stat(path)
+        return True
+    except OSError:  # also ENAMETOOLONG, which Path.exists raises
+        return False
 
 
 def _pathconf(path: Path, name: str, default: int) -> int:
@@ -134,10 +142,9 @@ def write_png(folder: Path, name: str, data: bytes, overwrite: bool = False) -> 
     not go; nothing of it is left on disk."""
     folder = Path(folder)
     stem, suffix = os.path.splitext(name)
-    tmp = None
+    tmp, made = None, []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastsd35-", suffix=".partial")
+        fd, tmp, made = _temporary_file(folder)
         try:
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600
             view = memoryview(data)
@@ -169,6 +176,32 @@ def write_png(folder: Path, name: str, data: bytes, overwrite: bool = False) -> 
                 os.unlink(tmp)
             except OSError:
                 pass
+            _remove_if_empty(made)
+
+
+def _temporary_file(folder: Path) -> tuple[int, str, list[Path]]:
+    """A new temporary file in `folder`, making the folder (and its parents) if missing. Returns the descriptor, its
+    path and the folders made. Another run may remove an empty folder it made between our mkdir and mkstemp
+    (`_remove_if_empty`): then the folder is made again."""
+    for _ in range(5):
+        made = [p for p in (folder, *folder.parents) if not _exists(p)]
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastsd35-", suffix=".partial")
+            return fd, tmp, made
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(errno.ENOENT, "the folder keeps disappearing", str(folder))
+
+
+def _remove_if_empty(folders: list[Path]):
+    """Remove folders this run made, deepest first, while they are empty (rmdir refuses a folder that holds anything,
+    such as another run's temporary file, and writers make a vanished folder again)."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 def read_record(path: Path) -> dict:

@@ -34,6 +34,8 @@ class StrictLoading:
 def load_module(cls, config, source, *, dtype, device) -> nn.Module:
     """`cls.empty(config)` on `device` in `dtype`, filled from `source` (a checkpoints.TensorSource-like object with
     `shapes`, `get` and `label`), ready for inference."""
+    with torch.device("meta"):  # the key set and shapes are checked before any memory is allocated
+        check_keys_and_shapes(cls(config, dtype=dtype), source.shapes, source.label)
     module = cls.empty(config, dtype=dtype, device=device)
     module.load_weights(source.shapes, source.get, source=source.label)
     return module.eval().requires_grad_(False)
