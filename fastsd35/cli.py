@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import threading
@@ -24,7 +25,9 @@ from PIL import Image
 from . import __version__, benchmark, kernels
 from .checkpoints import transformer_config
 from .errors import FastSD35Error
-from .inputs import MAX_PROMPTS_FILE_BYTES, check_device, check_prompts, check_values, open_image, read_user_file
+from .inputs import (MAX_IMAGE_FILE_BYTES, MAX_PROMPTS_FILE_BYTES, check_device, check_prompts, check_values,
+                     image_from_bytes, read_user_file)
+from .records import check_record, check_same_file, sha256
 from .outputs import check_output, image_name, png_bytes, png_size_bound, read_record, write_png
 from .model import CONFIGS
 from .presets import CONTROL_TYPES, PRESETS, Preset, Settings, get_preset
@@ -153,6 +156,7 @@ class Job:
     settings: Settings
     init_image: Image.Image | None
     init_image_path: Path | None
+    init_image_sha256: str | None
     device: torch.device
     dtype: torch.dtype | None
     t5: bool
@@ -168,6 +172,7 @@ class Control:
     control_type: str | None
     image: Image.Image
     image_path: Path
+    image_sha256: str
     preprocess: str | None
     options: dict
     strength: float
@@ -218,7 +223,7 @@ def plan(args) -> Job:
     device = _device(args.device)
     if args.text_encoder_device != "auto":
         check_device(args.text_encoder_device, "--text-encoder-device")
-    init_image = open_image(args.init_image, "init image") if args.init_image else None
+    init_image, init_sha = _image(args.init_image, "init image", getattr(args, "init_image_sha256", None), "--init-image")
     control = _control(args)
     if control:
         if preset.name != "tiny" and preset.variant != "sd3.5_large":
@@ -232,7 +237,7 @@ def plan(args) -> Job:
     return Job(
         preset=preset, model=model, prompts=prompts, negative_prompt=args.negative_prompt or "",
         seed=23 if args.seed is None else args.seed, batch_size=args.batch_size, settings=settings,
-        init_image=init_image, init_image_path=args.init_image, device=device,
+        init_image=init_image, init_image_path=args.init_image, init_image_sha256=init_sha, device=device,
         dtype=DTYPES[args.dtype] if args.dtype else None, t5=not args.no_t5, t5_tokens=t5_tokens, control=control,
     )
 
@@ -249,7 +254,7 @@ def _control(args) -> Control | None:
         raise FastSD35Error(f"{args.controlnet}: no such ControlNet file or folder")
     if args.control_image is None:
         raise FastSD35Error("--controlnet needs --control-image (edges, a blurred image or a depth map)")
-    image = open_image(args.control_image, "control image")
+    image, sha = _image(args.control_image, "control image", getattr(args, "control_image_sha256", None), "--control-image")
     strength = 1.0 if args.control_strength is None else args.control_strength
     if not math.isfinite(strength):
         raise FastSD35Error(f"--control-strength must be a finite number, got {strength}")
@@ -263,7 +268,7 @@ def _control(args) -> Control | None:
         from .controlnet import preprocess
 
         image = preprocess(image, args.control_preprocess, **options)
-    return Control(args.controlnet, args.control_type, image, args.control_image, args.control_preprocess, options, strength)
+    return Control(args.controlnet, args.control_type, image, args.control_image, sha, args.control_preprocess, options, strength)
 
 
 def load(job: Job, args):
@@ -282,13 +287,13 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
     s, slg, c = job.settings, job.settings.slg, job.control
     control = None
     if c:
-        control = {"controlnet": str(c.controlnet), "control_type": pipe.controlnet.control_name,
-                   "control_image": str(c.image_path), "preprocess": c.preprocess, "options": c.options,
-                   "strength": c.strength}  # fmt: skip
+        control = {"controlnet": os.path.abspath(c.controlnet), "control_type": pipe.controlnet.control_name,
+                   "control_image": os.path.abspath(c.image_path), "control_image_sha256": c.image_sha256,
+                   "preprocess": c.preprocess, "options": c.options, "strength": c.strength}  # fmt: skip
     return {
         "fastsd35_version": __version__,
         "preset": job.preset.name,
-        "model": None if job.preset.name == "tiny" and job.model == Path("models") else str(job.model),
+        "model": None if job.preset.name == "tiny" and job.model == Path("models") else os.path.abspath(job.model),
         "prompt": prompt,
         "negative_prompt": job.negative_prompt,
         "seed": seed,
@@ -299,7 +304,8 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
         "width": s.width,
         "height": s.height,
         "slg": None if slg is None else {"scale": slg.scale, "start": slg.start, "end": slg.end, "layers": list(slg.layers), "cfg": slg.cfg},
-        "init_image": str(job.init_image_path) if job.init_image_path else None,
+        "init_image": os.path.abspath(job.init_image_path) if job.init_image_path else None,
+        "init_image_sha256": job.init_image_sha256,
         "denoise": s.denoise if job.init_image_path else None,
         "dtype": {v: k for k, v in DTYPES.items()}[pipe.transformer.dtype],
         "t5_tokens": job.t5_tokens,
@@ -310,7 +316,9 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
 
 
 def _fill_from_record(args, record: dict):
-    """Settings from a PNG's record, for every option not given on the command line."""
+    """Settings from a PNG's record (checked: records.check_record), for every option not given on the command line.
+    Files named by the record must still hold what they held (their SHA-256 is checked when they are read)."""
+    record = check_record(record, args.from_png)
     args.prompt = args.prompt or [record["prompt"]]
     fields = ("preset", "model", "negative_prompt", "seed", "steps", "cfg", "shift", "sampler", "width", "height",
               "denoise", "dtype", "t5_tokens", "no_t5")  # fmt: skip
@@ -319,16 +327,19 @@ def _fill_from_record(args, record: dict):
             setattr(args, name, record[name])
     if args.init_image is None and record.get("init_image"):
         args.init_image = Path(record["init_image"])
+        args.init_image_sha256 = record.get("init_image_sha256")
     if args.slg is None:
         slg = record.get("slg")
         args.slg = SLGConfig(**{**slg, "layers": tuple(slg["layers"])}) if slg else False
     control = record.get("controlnet")
     if control and args.controlnet is None:
-        args.controlnet, args.control_type = Path(control["controlnet"]), control["control_type"]
-        args.control_image = args.control_image or Path(control["control_image"])
-        args.control_preprocess = args.control_preprocess or control["preprocess"]
+        args.controlnet, args.control_type = Path(control["controlnet"]), control.get("control_type")
+        if args.control_image is None:
+            args.control_image = Path(control["control_image"])
+            args.control_image_sha256 = control.get("control_image_sha256")
+        args.control_preprocess = args.control_preprocess or control.get("preprocess")
         args.control_strength = control["strength"] if args.control_strength is None else args.control_strength
-        opts = control["options"]
+        opts = control.get("options") or {}
         args.canny_low, args.canny_high = opts.get("low", args.canny_low), opts.get("high", args.canny_high)
         args.blur_radius = opts.get("radius", args.blur_radius)
 
@@ -348,6 +359,15 @@ def _prompts(args) -> list[str]:
     if not prompts:
         raise FastSD35Error('nothing to generate: give --prompt "..." or --prompts-file FILE')
     return prompts
+
+
+def _image(path: Path | None, what: str, expected_sha256: str | None, flag: str):
+    """The image at `path` (None: none) and the SHA-256 of its file, which must be `expected_sha256` when given."""
+    if path is None:
+        return None, None
+    data = read_user_file(path, what, MAX_IMAGE_FILE_BYTES)
+    check_same_file(data, expected_sha256, path, what, flag)
+    return image_from_bytes(data, path, what), sha256(data)
 
 
 def _device(requested: str | None) -> torch.device:

@@ -70,12 +70,13 @@ FIELDS: dict[str, Field] = {
     "width": Field(int),  # multiples of 16 within the model's position table: Settings.check
     "height": Field(int),
     "denoise": Field(float, 0, 1, low_open=True),
-    "t5_tokens": Field(int, 1, 512),
+    "t5_tokens": Field(int, 77, 512),  # tokenization.T5_MIN_LENGTH, T5_MAX_TOKENS
     "no_t5": Field(bool),
     "dtype": Field(str, choices=("fp16", "bf16", "fp32")),
     "preset": Field(str),
     "model": Field(str),
     "control_strength": Field(float),
+    "control_preprocess": Field(str, choices=("canny", "blur", "depth")),
     "canny_low": Field(float, 0),
     "canny_high": Field(float, 0),
     "blur_radius": Field(float, 0),
@@ -179,7 +180,11 @@ def open_regular(path, what: str, error: type[FastSD35Error] = FastSD35Error):
 def open_image(path, what: str) -> Image.Image:
     """An RGB image from a regular file of at most MAX_IMAGE_PIXELS pixels (checked from the header, before the
     pixels are decoded)."""
-    data = read_user_file(path, what, MAX_IMAGE_FILE_BYTES)
+    return image_from_bytes(read_user_file(path, what, MAX_IMAGE_FILE_BYTES), path, what)
+
+
+def image_from_bytes(data: bytes, path, what: str) -> Image.Image:
+    """`open_image` for bytes already read (`read_user_file(path, what, MAX_IMAGE_FILE_BYTES)`)."""
     try:
         with warnings.catch_warnings():  # our own, lower limit applies below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

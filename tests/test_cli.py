@@ -1,6 +1,7 @@
 """`fastsd35 run` end to end on the tiny preset, and one test per bad input: exit status 2, one line on stderr,
 nothing written."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -138,7 +139,7 @@ def test_checkpoint_for_another_model(tmp_path, capsys):
         (["--cfg", "nan"], "--cfg must be a finite number >= 0, got nan"),
         (["--cfg", "inf"], "--cfg must be a finite number >= 0, got inf"),
         (["--batch-size", 0], "--batch-size must be an integer in [1, 64], got 0"),
-        (["--t5-tokens", 600], "--t5-tokens must be an integer in [1, 512], got 600"),
+        (["--t5-tokens", 600], "--t5-tokens must be an integer in [77, 512], got 600"),
     ],
 )
 def test_bad_settings(tmp_path, capsys, args, message):
@@ -267,6 +268,7 @@ def test_controlnet_end_to_end_and_reproduction(tmp_path, controlnet_files):
         record = json.loads(image.info[METADATA_KEY])
         pixels = np.asarray(image)
     assert record["controlnet"] == {"controlnet": str(cn), "control_type": "canny", "control_image": str(photo),
+                                    "control_image_sha256": hashlib.sha256(photo.read_bytes()).hexdigest(),
                                     "preprocess": "canny", "options": {"low": 50.0}, "strength": 0.8}
     assert (record["sampler"], record["cfg"], record["shift"]) == ("euler", 3.5, 3.0)  # the ControlNet settings
     assert run("--from-png", path, "--out", out) == 0
