@@ -40,7 +40,8 @@ def listing(folder):
 def fails(capsys, message, *argv, out):
     before = listing(out)
     assert run(*argv) == 2
-    err = "".join(line for line in capsys.readouterr().err.splitlines(True) if "sampling:" not in line)  # tqdm's bar
+    lines = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n")]  # without tqdm's progress bar
+    err = "".join(line + "\n" for line in lines if line and "sampling:" not in line)
     assert err.count("\n") == 1 and err.startswith("fastsd35: error: "), err
     assert message in err, err
     assert listing(out) == before
