@@ -142,3 +142,64 @@ def test_png_size_bound_holds_for_noise():
     buffer = io.BytesIO()
     noise.save(buffer, format="PNG")
     assert len(buffer.getvalue()) <= png_size_bound(80, 64)
+
+
+# -- the same faults through `fastsd35 run` (tiny preset) -----------------------------------------------------------
+
+FAST = ["--preset", "tiny", "--prompt", "a", "--steps", "1", "--width", "64", "--height", "48"]
+
+
+@pytest.fixture
+def cli_run(monkeypatch, tmp_path, capsys):
+    from fastsd35 import cli
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+    def run(*argv):
+        status = cli.main(["run", *FAST, *map(str, argv)])
+        lines = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n")]
+        return status, [line for line in lines if line and "sampling:" not in line]
+
+    return run
+
+
+def test_cli_checks_the_output_before_generating(tmp_path, cli_run, monkeypatch):
+    import fastsd35.runner
+
+    monkeypatch.setattr(fastsd35.runner.Pipeline, "generate", lambda *a, **k: pytest.fail("generated"))
+    (tmp_path / "out" / "tiny_a_23.png").mkdir(parents=True)
+    status, err = cli_run("--out", tmp_path / "out", "--overwrite")
+    assert status == 2 and err == [f"fastsd35: error: --overwrite cannot replace {tmp_path / 'out' / 'tiny_a_23.png'}: it is not a file"]
+    status, err = cli_run("--out", tmp_path / ("x" * 300))
+    assert status == 2 and len(err) == 1 and "longer than the file system's limit" in err[0]
+    assert leftovers(tmp_path) == ["out"] and leftovers(tmp_path / "out") == ["tiny_a_23.png"]
+
+
+def test_cli_full_disk_is_one_line_and_leaves_nothing(tmp_path, cli_run, monkeypatch):
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(outputs.os, "write", full)
+    out = tmp_path / "out"
+    status, err = cli_run("--out", out)
+    assert status == 2
+    assert err == [f"fastsd35: error: the image tiny_a_23.png was generated but could not be written to {out}: No space left on device"]
+    assert not out.exists()
+
+
+def test_cli_interrupted_run_leaves_another_runs_folder(tmp_path, cli_run, monkeypatch):
+    """Run A is interrupted while run B (simulated inside A's sampling) has made the folder and written an image."""
+    import fastsd35.runner
+
+    out = tmp_path / "out"
+
+    def interrupted(*args, **kwargs):
+        write_png(out, "other-run.png", b"B")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastsd35.runner, "sample", interrupted)
+    status, err = cli_run("--out", out)
+    assert status == 130 and err == ["fastsd35: interrupted"]
+    assert leftovers(out) == ["other-run.png"]
