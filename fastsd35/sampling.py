@@ -166,7 +166,9 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, p
         else:
             r = (t[i] - t[i - 1]) / h
             d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
-        ratio = ((-t[i + 1]).exp() / (-t[i]).exp()).to(x.device)  # times the fp16 start x: an fp16 product
+        ratio = (-t[i + 1]).exp() / (-t[i]).exp()
+        if x.dtype == torch.float16:  # the fp16 start: a 0-d tensor on x's device times it is an fp16 product
+            ratio = ratio.to(x.device)
         x = ratio * x - torch.expm1(-h) * d
         old = denoised
     return x

@@ -115,6 +115,11 @@ def test_fifos_and_folders_never_hang(tmp_path, capsys):
     fails(capsys, f"cannot read init image {fifo}: it is a FIFO", *tiny_run(tmp_path, "--prompt", "a", "--init-image", fifo), out=tmp_path)
     fails(capsys, f"cannot read PNG {fifo}: it is a FIFO", "--from-png", fifo, "--out", tmp_path / "o", out=tmp_path)
     fails(capsys, f"cannot read prompts file {tmp_path}: it is a folder", *tiny_run(tmp_path, "--prompts-file", tmp_path), out=tmp_path)
+    if os.path.exists("/dev/zero"):  # endless: refused as a device, never read
+        fails(capsys, "cannot read prompts file /dev/zero: it is not a regular file",
+              *tiny_run(tmp_path, "--prompts-file", "/dev/zero"), out=tmp_path)
+    fails(capsys, f"cannot read checkpoint {fifo}: it is a FIFO", "--model", fifo, "--prompt", "a",
+          "--out", tmp_path / "o", out=tmp_path)
 
 
 def test_a_huge_prompts_file_is_refused_unread(tmp_path, capsys):
