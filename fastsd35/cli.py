@@ -25,8 +25,8 @@ from PIL import Image
 from . import __version__, benchmark, kernels
 from .checkpoints import transformer_config
 from .errors import FastSD35Error
-from .inputs import (MAX_IMAGE_FILE_BYTES, MAX_PROMPTS_FILE_BYTES, check_device, check_prompts, check_values,
-                     image_from_bytes, read_user_file)
+from .inputs import (FIELDS, MAX_IMAGE_FILE_BYTES, MAX_PROMPTS_FILE_BYTES, Field, check_device, check_prompts,
+                     check_values, image_from_bytes, read_user_file)
 from .records import check_record, check_same_file, sha256
 from .outputs import check_output, image_name, png_bytes, png_size_bound, read_record, write_png
 from .model import CONFIGS
@@ -35,6 +35,7 @@ from .sampling import SAMPLERS, SLGConfig
 from .tiny import TINY_MMDITX_CONFIG
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FIELDS["dtype"] = Field(str, choices=tuple(DTYPES))  # records and --dtype accept the same names
 PRESET_OF_VARIANT = {"sd3_medium": "sd3_medium", "sd3.5_medium": "medium"}  # sd3.5_large: large or large_turbo
 MAX_T5_TOKENS = 512
 

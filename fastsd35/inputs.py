@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from .errors import FastSD35Error
+from .sampling import SAMPLERS
 
 # -- documented limits (README "Limits") --------------------------------------------------------------------------
 
@@ -66,13 +67,13 @@ FIELDS: dict[str, Field] = {
     "steps": Field(int, 1, MAX_STEPS),
     "cfg": Field(float, 0),
     "shift": Field(float, 0, low_open=True),
-    "sampler": Field(str, choices=("euler", "dpmpp_2m")),
+    "sampler": Field(str, choices=SAMPLERS),
     "width": Field(int),  # multiples of 16 within the model's position table: Settings.check
     "height": Field(int),
     "denoise": Field(float, 0, 1, low_open=True),
     "t5_tokens": Field(int, 77, 512),  # tokenization.T5_MIN_LENGTH, T5_MAX_TOKENS
     "no_t5": Field(bool),
-    "dtype": Field(str, choices=("fp16", "bf16", "fp32")),
+    "dtype": Field(str, choices=("fp16", "bf16", "fp32")),  # the CLI sets these from its --dtype choices
     "preset": Field(str),
     "model": Field(str),
     "control_strength": Field(float),

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 from .errors import FastSD35Error
 from .inputs import check
-from .sampling import SAMPLERS, SLGConfig
+from .sampling import SLGConfig
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,6 @@ CONTROLNET_SETTINGS = dict(shift=3.0, steps=60, cfg=3.5, sampler="euler")
 
 
 def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise FastSD35Error(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]
