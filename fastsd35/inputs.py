@@ -52,10 +52,11 @@ class Field:
         kind = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}[self.kind]
         if self.choices:
             return f"one of {', '.join(map(str, self.choices))}"
+        low, high = (v if v is None or isinstance(v, int) else f"{v:g}" for v in (self.low, self.high))
         if self.low is not None and self.high is not None:
-            return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+            return f"{kind} in {'(' if self.low_open else '['}{low}, {high}]"
         if self.low is not None:
-            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+            return f"{kind} {'>' if self.low_open else '>='} {low}"
         return kind
 
 
