@@ -294,7 +294,7 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
     return {
         "fastsd35_version": __version__,
         "preset": job.preset.name,
-        "model": None if job.preset.name == "tiny" and job.model == Path("models") else os.path.abspath(job.model),
+        "model": None if job.preset.name == "tiny" and job.model == Path("models") else _stored_path(job.model),
         "prompt": prompt,
         "negative_prompt": job.negative_prompt,
         "seed": seed,
@@ -314,6 +314,12 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
         "controlnet": control,
         "backend": kernels.backend(pipe.device),
     }
+
+
+def _stored_path(path) -> str:
+    """A path for a record: absolute when it names a file or folder here (so the record works from any folder),
+    else as given (a name resolved elsewhere)."""
+    return os.path.abspath(path) if os.path.exists(path) else str(path)
 
 
 def _fill_from_record(args, record: dict):
