@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -80,6 +81,14 @@ def check_output(folder: Path, names: list[str], overwrite: bool, nbytes: int):
             target = folder / name
             if target.exists() and not target.is_file():
                 raise FastSD35Error(f"--overwrite cannot replace {target}: it is not a file")
+
+
+@contextmanager
+def output_folder(folder: Path):
+    """`check_output` for a folder whose file names are not known yet; yields the folder. Nothing is made here (the
+    folder is made by the first `write_png`) and nothing is removed afterwards."""
+    check_output(folder, [], False, 0)
+    yield Path(folder)
 
 
 def _exists(path: Path) -> bool:
