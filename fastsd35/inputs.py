@@ -74,6 +74,7 @@ FIELDS: dict[str, Field] = {
     "denoise": Field(float, 0, 1, low_open=True),
     "t5_tokens": Field(int, 77, 512),  # tokenization.T5_MIN_LENGTH, T5_MAX_TOKENS
     "no_t5": Field(bool),
+    "cfg_parallel": Field(bool),
     "dtype": Field(str, choices=("fp16", "bf16", "fp32")),  # the CLI sets these from its --dtype choices
     "preset": Field(str),
     "model": Field(str),

@@ -74,7 +74,8 @@ _CONTROL = _object(
 # Every key a record may hold, with the check of its value (None always means "not set").
 RECORD_KEYS: dict[str, Callable[[Any, str], Any]] = {
     **{name: _field(name) for name in ("preset", "model", "prompt", "negative_prompt", "seed", "steps", "cfg", "shift",
-                                       "sampler", "width", "height", "denoise", "dtype", "t5_tokens", "no_t5")},
+                                       "sampler", "width", "height", "denoise", "dtype", "t5_tokens", "no_t5",
+                                       "cfg_parallel")},
     "fastsd35_version": _string,
     "backend": _string,
     "slg": _SLG,
