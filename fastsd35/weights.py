@@ -40,6 +40,8 @@ def load_module(cls, config, source, *, dtype, device) -> nn.Module:
     from .quantization import empty_fp8, fp8_layer_names, is_fp8
 
     source = FP8Reader(source, device)
+    with torch.device("meta"):  # the key set and shapes are checked before any memory is allocated
+        check_keys_and_shapes(cls(config, dtype=default_dtype(device) if is_fp8(dtype) else dtype), source.shapes, source.label)
     if is_fp8(dtype):
         module = empty_fp8(cls, config, dtype=default_dtype(device), device=device,
                            fp8_matmul=not source.full_precision_matmul)
