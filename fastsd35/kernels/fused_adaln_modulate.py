@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_shape, check_tensor, unit_last_stride
+from .launch import launch
 
 EPS = 1e-6
 MAX_D = 16384  # a whole row lives in registers; beyond this it would spill
@@ -157,14 +158,14 @@ def _launch_ln_modulate(x, mod1, mod2, out1, out2):
     two = mod2 is not None
     shift2, scale2 = mod2 if two else mod1  # unused placeholders when TWO is off
     out2 = out2 if two else out1
-    _ln_modulate_kernel[(B * L,)](
+    args = (
         x, mod1[0], mod1[1], shift2, scale2, out1, out2,
         L, D,
         x.stride(0), x.stride(1), mod1[0].stride(0), mod1[1].stride(0), shift2.stride(0), scale2.stride(0),
         out1.stride(0), out1.stride(1),
         EPS,
-        TWO=two, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
+    launch(_ln_modulate_kernel, (B * L,), args, dict(TWO=two, BLOCK_D=block_d, num_warps=num_warps), x.device)
 
 
 def gated_residual_ln_modulate(x, y, gate, shift, scale, y2=None, gate2=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,11 +209,12 @@ def _launch_gated_residual(x, y, gate, y2, gate2, mod, x_new, h):
     y2, gate2 = (y2, gate2) if has_y2 else (y, gate)
     shift, scale = mod if norm else (gate, gate)
     h = h if norm else x_new
-    _gated_residual_ln_modulate_kernel[(B * L,)](
+    args = (
         x, y, gate, y2, gate2, shift, scale, x_new, h,
         L, D,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), y2.stride(0), y2.stride(1),
         gate.stride(0), gate2.stride(0), shift.stride(0), scale.stride(0), x_new.stride(0), x_new.stride(1),
         EPS,
-        HAS_Y2=has_y2, NORM=norm, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
+    meta = dict(HAS_Y2=has_y2, NORM=norm, BLOCK_D=block_d, num_warps=num_warps)
+    launch(_gated_residual_ln_modulate_kernel, (B * L,), args, meta, x.device)

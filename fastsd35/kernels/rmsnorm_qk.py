@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_head_dim, check_shape, check_tensor, check_writable_rows, unit_last_stride
+from .launch import launch
 
 EPS = 1e-6
 BLOCK_L = 32  # rows per program: a 32 x 128 fp32 tile per tensor keeps 4 warps busy without spilling
@@ -94,7 +95,7 @@ def split_qkv_rmsnorm(qkv, q_weight, k_weight, q_out, k_out, v_out, seq_offset: 
     k_weight = None if k_weight is None else k_weight.contiguous()
     placeholder = qkv  # stands in for an absent weight; the kernel never reads it
     grid = (triton.cdiv(L, BLOCK_L), B * H)
-    _split_qkv_rmsnorm_kernel[grid](
+    args = (
         qkv, q_weight if q_weight is not None else placeholder, k_weight if k_weight is not None else placeholder,
         q_out, k_out, v_out,
         L, H, seq_offset,
@@ -103,6 +104,6 @@ def split_qkv_rmsnorm(qkv, q_weight, k_weight, q_out, k_out, v_out, seq_offset: 
         k_out.stride(0), k_out.stride(1), k_out.stride(2),
         v_out.stride(0), v_out.stride(1), v_out.stride(2),
         EPS,
-        NORM_Q=q_weight is not None, NORM_K=k_weight is not None,
-        HEAD_DIM=Dh, BLOCK_L=BLOCK_L, num_warps=4,
     )  # fmt: skip
+    meta = dict(NORM_Q=q_weight is not None, NORM_K=k_weight is not None, HEAD_DIM=Dh, BLOCK_L=BLOCK_L, num_warps=4)
+    launch(_split_qkv_rmsnorm_kernel, grid, args, meta, q_out.device)
