@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .checks import check_head_dim, check_shape, check_tensor, check_writable_rows, unit_last_stride
 from .launch import launch, register_autotuned
+from .variants import DH128, IMAGE_TOKENS, meta, report_case, sd35_launch_sizes
 
 LOG2E = 1.4426950408889634
 TUNE_LENGTH_STEP = 1024  # lengths are tuned in buckets of this many rows (see _tuning_length)
@@ -55,13 +56,28 @@ def _tma_ready(named_args: dict) -> bool:
     return True
 
 
+def _fits(config: triton.Config, arch: int, head_dim: int, wide: bool) -> bool:
+    """Whether `config` can be competitive, from what `fastsd35 kernels` shows these tiles compile to. Each warp holds
+    BLOCK_M / num_warps query rows of fp32 accumulator (Dh wide) and scores (BLOCK_N wide) in registers:
+    - 16-bit Dh 64: 32 rows per warp compile to 220-255 registers on sm_80 (mma.sync), at the 255 limit with one
+      block per SM: never faster than the 16-row tiles there. Hopper's wgmma keeps them well below (87-220).
+    - fp32 operands or Dh 128 (`wide`) double that state and the K/V tiles in shared memory: 16 rows per warp at most,
+      and key tiles of at most 64 rows.
+    """
+    bm, bn, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
+    if wide:
+        return bm // warps <= 16 and bn <= 64
+    return arch >= 90 or bm // warps <= 16
+
+
 def _configs_for(arch: int | None, named_args: dict) -> list[triton.Config]:
     """The configs the autotuner times on a GPU of compute capability `arch` (None: the interpreter)."""
     if arch is None:
         return [INTERPRETER_CONFIG]
-    configs = list(POINTER_CONFIGS)
+    wide = named_args["HEAD_DIM"] > 64 or named_args["Q"].dtype == torch.float32
+    configs = [c for c in POINTER_CONFIGS if _fits(c, arch, named_args["HEAD_DIM"], wide)]
     if arch >= 90 and _tma_ready(named_args):
-        configs += TMA_CONFIGS
+        configs += [c for c in TMA_CONFIGS if _fits(c, arch, named_args["HEAD_DIM"], wide)]
     return configs
 
 
@@ -249,3 +265,15 @@ def joint_attention(q, k, v, out_ctx, out_x, n_ctx: int) -> None:
     # fp32 must be exact fp32 (the GPU default would be TF32); 16-bit operands use the native MMA either way.
     meta = dict(HEAD_DIM=Dh, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     launch(_joint_attention_kernel, grid, args, meta, q.device)
+
+
+@report_case
+def _report_attention(dtype: torch.dtype) -> None:
+    """The joint attention (context rows into out_ctx, image rows into out_x) and MMDiT-X's x-only second attention
+    (n_ctx = 0), at the released sizes and at Dh 128, into the model's workspace buffers."""
+    for shape, batch, n_ctx in sd35_launch_sizes() + [(DH128, 2, 154)]:
+        H, Dh, D = shape.heads, shape.head_dim, shape.hidden
+        for ctx in (n_ctx, 0):
+            q, k, v = (meta(batch, H, ctx + IMAGE_TOKENS, Dh, dtype=dtype) for _ in range(3))
+            out_ctx = meta(batch, ctx, D, dtype=dtype) if ctx else None
+            joint_attention(q, k, v, out_ctx, meta(batch, IMAGE_TOKENS, D, dtype=dtype), ctx)
