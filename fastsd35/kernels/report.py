@@ -322,17 +322,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def kernels_command(args) -> int:
-    if checks.INTERPRET:
-        raise FastSD35Error("fastsd35 kernels compiles for the GPU: unset TRITON_INTERPRET (the interpreter was asked for)")
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise FastSD35Error(f"fastsd35 kernels needs triton: {e}") from e
     archs, dtypes = parse_archs(args.arch), parse_dtypes(args.dtype)
     if args.jobs < 1:
         raise FastSD35Error(f"--jobs {args.jobs}: must be at least 1")
     if args.json is not None and args.json.is_dir():
         raise FastSD35Error(f"--json {args.json}: is a folder, not a file")
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        raise FastSD35Error(f"fastsd35 kernels needs triton: {e}") from e
+    if checks.INTERPRET:
+        raise FastSD35Error("fastsd35 kernels compiles for the GPU: unset TRITON_INTERPRET (the interpreter was asked for)")
     start = time.perf_counter()
     jobs = plan(archs, dtypes, quick=args.quick)
     print(f"compiling {len(jobs)} kernel variants for {', '.join(f'sm_{a}' for a in archs)} ...", file=sys.stderr,
