@@ -114,12 +114,14 @@ def _named_args(q, Dh):
 
 def test_configs_per_arch():
     """sm_80 gets pointer loads only, without the 32-rows-per-warp tiles (255 registers there); sm_90 gets them all
-    plus the TMA forms; fp32 and Dh 128 keep to 16 rows per warp and key tiles of at most 64."""
+    plus the TMA forms; fp32 and Dh 128 keep to 16 rows per warp and key tiles of at most 64, with 8 warps on sm_80."""
     configs = kern._configs_for
     q16 = torch.empty(2, 4, 256, 64, dtype=torch.float16)
     sm80, sm90 = configs(80, _named_args(q16, 64)), configs(90, _named_args(q16, 64))
     assert sm80 and not any(c.kwargs["USE_TMA"] for c in sm80)
-    assert all(c.kwargs["BLOCK_M"] // c.num_warps <= 16 for c in sm80)
+    assert all(c.kwargs["BLOCK_M"] // c.num_warps <= 16 and c.kwargs["BLOCK_N"] // c.num_warps <= 16 for c in sm80)
+    wide80 = configs(80, _named_args(torch.empty(2, 4, 256, 128, dtype=torch.bfloat16), 128))
+    assert wide80 and all(c.num_warps == 8 for c in wide80)
     assert set(kern.POINTER_CONFIGS) | set(kern.TMA_CONFIGS) == set(sm90)
     for q, Dh in ((torch.empty(2, 4, 256, 64), 64), (torch.empty(2, 4, 256, 128, dtype=torch.float16), 128)):
         for c in configs(90, _named_args(q, Dh)):

@@ -56,18 +56,20 @@ def _tma_ready(named_args: dict) -> bool:
     return True
 
 
-def _fits(config: triton.Config, arch: int, head_dim: int, wide: bool) -> bool:
-    """Whether `config` can be competitive, from what `fastsd35 kernels` shows these tiles compile to. Each warp holds
-    BLOCK_M / num_warps query rows of fp32 accumulator (Dh wide) and scores (BLOCK_N wide) in registers:
-    - 16-bit Dh 64: 32 rows per warp compile to 220-255 registers on sm_80 (mma.sync), at the 255 limit with one
-      block per SM: never faster than the 16-row tiles there. Hopper's wgmma keeps them well below (87-220).
-    - fp32 operands or Dh 128 (`wide`) double that state and the K/V tiles in shared memory: 16 rows per warp at most,
-      and key tiles of at most 64 rows.
+def _fits(config: triton.Config, arch: int, wide: bool) -> bool:
+    """Whether `config` can be competitive, from what `fastsd35 kernels` shows the tiles compile to (README). A warp
+    holds BLOCK_M / num_warps query rows of the fp32 accumulator (Dh wide) and of the scores (BLOCK_N wide):
+    - 16-bit, Dh 64, sm_80 (mma.sync): 32 rows or 32 score columns per warp reach the 255-register limit (no room
+      left, one block per SM), so only tiles with at most 16 of each are timed (162-240 registers). Hopper's wgmma
+      keeps every candidate at 87-220 registers: all are timed there.
+    - fp32 operands or Dh 128 (`wide`) double that state and the K/V tiles in shared memory: key tiles of at most 64
+      rows and 16 query rows per warp; on sm_80 even 4 warps x 16 rows spill at Dh 128 (96-256 stack bytes), so
+      only 8-warp tiles remain there.
     """
     bm, bn, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
     if wide:
-        return bm // warps <= 16 and bn <= 64
-    return arch >= 90 or bm // warps <= 16
+        return bn <= 64 and bm // warps <= 16 and (arch >= 90 or warps == 8)
+    return arch >= 90 or (bm // warps <= 16 and bn // warps <= 16)
 
 
 def _configs_for(arch: int | None, named_args: dict) -> list[triton.Config]:
@@ -75,9 +77,9 @@ def _configs_for(arch: int | None, named_args: dict) -> list[triton.Config]:
     if arch is None:
         return [INTERPRETER_CONFIG]
     wide = named_args["HEAD_DIM"] > 64 or named_args["Q"].dtype == torch.float32
-    configs = [c for c in POINTER_CONFIGS if _fits(c, arch, named_args["HEAD_DIM"], wide)]
+    configs = [c for c in POINTER_CONFIGS if _fits(c, arch, wide)]
     if arch >= 90 and _tma_ready(named_args):
-        configs += [c for c in TMA_CONFIGS if _fits(c, arch, named_args["HEAD_DIM"], wide)]
+        configs += [c for c in TMA_CONFIGS if _fits(c, arch, wide)]
     return configs
 
 
