@@ -240,3 +240,21 @@ def test_autotuned_gpu():
     assert len(configs) > 1
     check(*qkv(1, 2, 1000, 64, torch.float16), 10)
     assert kern._joint_attention_kernel.best_config in configs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_every_candidate_gpu(monkeypatch, dtype):
+    """Each config the autotuner may pick on this GPU (the TMA forms too, on Hopper) is correct by itself: the
+    autotuner only compares speed. A joint case with a key tail and a tile straddling n_ctx, and the x-only case."""
+    q, k, v = qkv(2, 3, 1024 + 77, 64, dtype)
+    named = {"Q": q, "K": k, "V": v, "HEAD_DIM": 64,
+             **{f"stride_{t}{d}": q.stride(i) for t in "qkv" for i, d in enumerate("bhl")}}  # fmt: skip
+    arch = kern._device_arch(q)
+    for config in kern._configs_for(arch, named):
+        monkeypatch.setattr(kern, "_configs_for", lambda arch, named_args, c=config: [c])
+        kern._joint_attention_kernel.cache.clear()
+        check(q, k, v, 77, padded=False)
+        check(q[:, :, 77:], k[:, :, 77:], v[:, :, 77:], 0, padded=False)
+        assert kern._joint_attention_kernel.best_config is config
+    kern._joint_attention_kernel.cache.clear()

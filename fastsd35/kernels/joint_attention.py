@@ -7,6 +7,11 @@ that straddles n_ctx writes both with masked stores. n_ctx = 0 is MMDiT-X's x-on
 One program owns a BLOCK_M tile of queries of one (batch, head) and streams the keys in BLOCK_N tiles with an online
 softmax in fp32 (exp2, with scale * log2(e) folded into the scores). The full key tiles run unmasked; only the last,
 partial one masks its keys (score -inf, value 0).
+
+Two load styles share the one kernel body (constexpr USE_TMA): pointer blocks (every GPU), or, on sm_90+, per-head
+tensor descriptors whose TMA loads zero-fill past row L. Which wins is for the GPU benchmark to decide; both are
+autotune candidates. The autotuner keys on B*H and a length bucket (not the exact length), keeps its choices on disk
+where Triton can, and only times the configs `_configs_for` keeps for the GPU at hand.
 """
 
 from __future__ import annotations
