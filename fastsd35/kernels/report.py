@@ -192,13 +192,14 @@ def plan(archs: list[int], dtypes=None, quick: bool = False) -> list[_Job]:
 # -- compile and inspect -------------------------------------------------------------------------------------------
 
 
-def _tool(name: str) -> str:
-    import triton
+def _cuobjdump() -> str:
+    """The cuobjdump Triton uses (its wheel ships one; TRITON_CUOBJDUMP_PATH overrides it), like its ptxas."""
+    from triton import knobs
 
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    if not path.is_file():
-        raise FastSD35Error(f"fastsd35 kernels: {path} is missing (the triton wheel ships it); reinstall triton")
-    return str(path)
+    path = knobs.nvidia.cuobjdump.path
+    if not path or not Path(path).is_file():
+        raise FastSD35Error(f"fastsd35 kernels: cuobjdump not found at {path} (the triton wheel ships one)")
+    return path
 
 
 _RESOURCES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -214,8 +215,8 @@ def _inspect(variant: Variant, compiled) -> None:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True)
-        sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", f.name], capture_output=True, text=True)
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True)
+        sass = subprocess.run([_cuobjdump(), "--dump-sass", f.name], capture_output=True, text=True)
     m = _RESOURCES.search(usage.stdout)
     if usage.returncode or m is None:
         raise RuntimeError(f"cuobjdump --dump-resource-usage failed: {usage.stderr.strip() or usage.stdout[:200]}")
