@@ -128,7 +128,8 @@ def divisibility(jit_fn, arch: int, args: tuple, kwargs: dict) -> dict[str, bool
 
 
 def _config_label(kwargs: dict, options) -> str:
-    parts = [f"{k}={v}" for k, v in sorted(kwargs.items()) if k.isupper() and k not in ("HEAD_DIM", "DOT_PRECISION")]
+    parts = [f"Dh={kwargs['HEAD_DIM']}"] if "HEAD_DIM" in kwargs else []
+    parts += [f"{k}={v}" for k, v in sorted(kwargs.items()) if k.isupper() and k not in ("HEAD_DIM", "DOT_PRECISION")]
     parts.append(f"w{options.num_warps}")
     parts.append(f"s{options.num_stages}")
     return " ".join(parts)
@@ -300,12 +301,13 @@ def parse_dtypes(value: str | None):
 
 
 def format_table(variants: list[Variant]) -> str:
-    head = ("kernel", "arch", "dtype", "config", "regs", "stack", "smem", "mma", "cp.async", "tma", "ok")
+    head = ("kernel", "arch", "dtype", "config", "regs", "stack", "smem", "mma", "cp.async", "tma", "first shape", "ok")
     rows = [head]
     for v in variants:
         mma = "wgmma" if v.wgmma else "mma.sync" if v.mma else "-"
+        shape = (v.shapes[0] if v.shapes else "-") + (f" +{len(v.shapes) - 1}" if len(v.shapes) > 1 else "")
         rows.append((v.kernel, v.arch, v.dtype, v.config, str(v.registers), str(v.stack_bytes), str(v.shared_bytes),
-                     mma, "yes" if v.cp_async else "-", "yes" if v.tma else "-",
+                     mma, "yes" if v.cp_async else "-", "yes" if v.tma else "-", shape,
                      "ok" if v.ok else "FAIL: " + "; ".join(v.problems())))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
