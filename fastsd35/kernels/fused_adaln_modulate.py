@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .checks import check_shape, check_tensor, unit_last_stride
 from .launch import launch
-from .variants import IMAGE_TOKENS, meta, modulation_rows, report_case, sd35_launch_sizes
+from .variants import IMAGE_TOKENS, meta_tensor, modulation_rows, report_case, sd35_launch_sizes
 
 EPS = 1e-6
 MAX_D = 16384  # a whole row lives in registers; beyond this it would spill
@@ -227,7 +227,7 @@ def _report_rows(dtype: torch.dtype) -> None:
     for shape, batch, n_ctx in sd35_launch_sizes():
         mods = modulation_rows(batch, shape.hidden, 9, dtype)
         for rows in (n_ctx, IMAGE_TOKENS):
-            x, y, y2 = (meta(batch, rows, shape.hidden, dtype=dtype) for _ in range(3))
+            x, y, y2 = (meta_tensor(batch, rows, shape.hidden, dtype=dtype) for _ in range(3))
             ln_modulate(x, mods[0], mods[1])
             ln_modulate2(x, mods[0], mods[1], mods[6], mods[7])
             gated_residual_ln_modulate(x, y, mods[2], mods[3], mods[4])

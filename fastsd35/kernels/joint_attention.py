@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .checks import check_head_dim, check_shape, check_tensor, check_writable_rows, unit_last_stride
 from .launch import launch, register_autotuned
-from .variants import DH128, IMAGE_TOKENS, meta, report_case, sd35_launch_sizes
+from .variants import DH128, IMAGE_TOKENS, meta_tensor, report_case, sd35_launch_sizes
 
 LOG2E = 1.4426950408889634
 TUNE_LENGTH_STEP = 1024  # lengths are tuned in buckets of this many rows (see _tuning_length)
@@ -281,6 +281,6 @@ def _report_attention(dtype: torch.dtype) -> None:
     for shape, batch, n_ctx in sd35_launch_sizes() + [(DH128, 2, 154)]:
         H, Dh, D = shape.heads, shape.head_dim, shape.hidden
         for ctx in (n_ctx, 0):
-            q, k, v = (meta(batch, H, ctx + IMAGE_TOKENS, Dh, dtype=dtype) for _ in range(3))
-            out_ctx = meta(batch, ctx, D, dtype=dtype) if ctx else None
-            joint_attention(q, k, v, out_ctx, meta(batch, IMAGE_TOKENS, D, dtype=dtype), ctx)
+            q, k, v = (meta_tensor(batch, H, ctx + IMAGE_TOKENS, Dh, dtype=dtype) for _ in range(3))
+            out_ctx = meta_tensor(batch, ctx, D, dtype=dtype) if ctx else None
+            joint_attention(q, k, v, out_ctx, meta_tensor(batch, IMAGE_TOKENS, D, dtype=dtype), ctx)

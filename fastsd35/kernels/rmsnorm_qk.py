@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .checks import check_head_dim, check_shape, check_tensor, check_writable_rows, unit_last_stride
 from .launch import launch
-from .variants import DH128, IMAGE_TOKENS, meta, report_case, sd35_launch_sizes
+from .variants import DH128, IMAGE_TOKENS, meta_tensor, report_case, sd35_launch_sizes
 
 EPS = 1e-6
 BLOCK_L = 32  # rows per program: a 32 x 128 fp32 tile per tensor keeps 4 warps busy without spilling
@@ -118,7 +118,7 @@ def _report_split(dtype: torch.dtype) -> None:
     sizes = sd35_launch_sizes() + [(DH128, 2, 154)]
     for shape, batch, n_ctx in sizes:
         H, Dh = shape.heads, shape.head_dim
-        buffers = [meta(batch, H, n_ctx + IMAGE_TOKENS, Dh, dtype=dtype) for _ in range(3)]
-        for weight in (meta(Dh, dtype=dtype), None):
+        buffers = [meta_tensor(batch, H, n_ctx + IMAGE_TOKENS, Dh, dtype=dtype) for _ in range(3)]
+        for weight in (meta_tensor(Dh, dtype=dtype), None):
             for rows, offset in ((n_ctx, 0), (IMAGE_TOKENS, n_ctx)):
-                split_qkv_rmsnorm(meta(batch, rows, 3 * H * Dh, dtype=dtype), weight, weight, *buffers, offset)
+                split_qkv_rmsnorm(meta_tensor(batch, rows, 3 * H * Dh, dtype=dtype), weight, weight, *buffers, offset)

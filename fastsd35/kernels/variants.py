@@ -49,7 +49,7 @@ def report_case(fn: ReportCase) -> ReportCase:
     return fn
 
 
-def meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+def meta_tensor(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
@@ -57,7 +57,7 @@ def modulation_rows(batch: int, hidden: int, n: int, dtype: torch.dtype) -> list
     """n (B, D) views into one batched modulation tensor, as MMDiTX.modulations slices it: every block's vectors
     side by side in each row (here 12 per block over 38 blocks plus the final layer's 2, Large's layout)."""
     width = (12 * 38 + 2) * hidden
-    mods = meta(batch, width, dtype=dtype)
+    mods = meta_tensor(batch, width, dtype=dtype)
     return [mods[:, j * hidden : (j + 1) * hidden] for j in range(n)]
 
 
