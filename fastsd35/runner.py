@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -57,12 +57,13 @@ class TransformerPass:
     def __call__(self, x, sigma, y, context, *, skip_layers=(), control=None):
         device = self.transformer.device
         x, sigma = x.to(device), sigma.to(device)
-        residuals = None
-        if control is not None:
-            latent, strength = control
-            residuals = self.controlnet(self.transformer, x, sigma, y, latent, strength)
-        return self.transformer(x, model_timestep(sigma), y, context, controlnet_hidden_states=residuals,
-                                skip_layers=skip_layers)
+        with on_device(device):  # Triton launches on the current device: make it the model's
+            residuals = None
+            if control is not None:
+                latent, strength = control
+                residuals = self.controlnet(self.transformer, x, sigma, y, latent, strength)
+            return self.transformer(x, model_timestep(sigma), y, context, controlnet_hidden_states=residuals,
+                                    skip_layers=skip_layers)
 
 
 class Pipeline:
@@ -192,11 +193,14 @@ class Pipeline:
         control_image: Image.Image | torch.Tensor | None = None,
         control_strength: float = 1.0,
         progress: bool = True,
+        denoiser_cls=CFGDenoiser,
     ) -> Generation:
         """One batch: a prompt repeated `batch_size` times, or a list of prompts (one image each). Image i uses
         seed + i. Unset settings come from the preset; `slg` is None (preset default), False, True or SLGConfig.
         With a ControlNet, `control_image` (an image, or a latent from `encode_control`) steers every image with
-        `control_strength` (1.0 as the reference)."""
+        `control_strength` (1.0 as the reference). `denoiser_cls` builds the guidance denoiser (CFGDenoiser's
+        signature): `functools.partial(CFGDenoiser, split=True)` runs cond and uncond as two passes, and
+        fastsd35.distributed passes its CFG-parallel pair here."""
         prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if not prompts or len(negatives) != len(prompts):
@@ -236,7 +240,7 @@ class Pipeline:
                 control = (control_image.to(device), torch.tensor(float(control_strength), device=device))
             noise = make_noise(seed, B, (16, s.height // 8, s.width // 8))
             x = initial_latent(sigmas[0], noise, latent).to(device)
-            denoiser = CFGDenoiser(self.model_pass, cond, uncond, s.cfg, s.steps, s.slg, control)
+            denoiser = denoiser_cls(self.model_pass, cond, uncond, s.cfg, s.steps, s.slg, control)
             x = sample(s.sampler, denoiser, x, sigmas, progress)
 
         with _stage("decode", timings, device):
@@ -249,7 +253,8 @@ class Pipeline:
         device = self.text_encoders.device
         if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < SAMPLING_HEADROOM_BYTES:
             self.text_encoders.to("cpu")
-            torch.cuda.empty_cache()
+            with torch.cuda.device(device):
+                torch.cuda.empty_cache()
 
     def encode_control(self, image: Image.Image, width: int, height: int, seed: int) -> torch.Tensor:
         """Control image -> the ControlNet's control latent (1, 16, h, w) as the reference makes it (SPEC.md §8.3), the
@@ -271,7 +276,8 @@ class Pipeline:
 @contextmanager
 def _stage(name: str, timings: dict, device: torch.device):
     """Time a stage (synchronising CUDA so the figure is real) and turn out-of-memory into a clear user error."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # its own device
     sync()
     start = time.perf_counter()
     try:
@@ -281,6 +287,11 @@ def _stage(name: str, timings: dict, device: torch.device):
         raise FastSD35Error(f"out of GPU memory while {doing}: {hint}") from None
     sync()
     timings[name] = time.perf_counter() - start
+
+
+def on_device(device: torch.device):
+    """`torch.cuda.device(device)` for a CUDA device (the current device while inside), else nothing."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def _text_encoder_device(requested: str, device: torch.device, t5: bool) -> torch.device:
