@@ -1,5 +1,6 @@
 """The command line: `fastsd35 run` turns prompts into PNGs; `fastsd35 bench` times the kernels, the transformer step
-and a generation (fastsd35.benchmark).
+and a generation (fastsd35.benchmark); `fastsd35 kernels` compiles every kernel variant for the GPUs and reports it
+(fastsd35.kernels.report).
 
 Every user mistake ends in one line on stderr and exit status 2, found before any model is loaded where possible,
 and never with a file written or overwritten.
@@ -25,6 +26,7 @@ from PIL import Image
 
 from . import __version__, benchmark, distributed, kernels
 from .checkpoints import transformer_config
+from .kernels import report as kernel_report
 from .errors import FastSD35Error
 from .inputs import (FIELDS, MAX_IMAGE_FILE_BYTES, MAX_PROMPTS_FILE_BYTES, Field, check_device, check_prompts,
                      check_values, image_from_bytes, read_user_file)
@@ -100,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                                             "their baselines; print a table and write the results as JSON.")
     benchmark.add_arguments(bench)
     bench.set_defaults(handler=benchmark.bench_command)
+    compile_report = commands.add_parser(
+        "kernels", help="compile every Triton kernel variant for sm_80/sm_90 and report registers, spills, memory",
+        description="Compile every kernel variant the launchers can pick, as the JIT would for the SD3.5 sizes, for "
+                    "GPUs that need not be here; print registers, stack, shared memory and instructions per variant. "
+                    "Exit 1 when one fails to compile, spills or exceeds shared memory.")  # fmt: skip
+    kernel_report.add_arguments(compile_report)
+    compile_report.set_defaults(handler=kernel_report.kernels_command)
     return parser
 
 

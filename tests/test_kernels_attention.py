@@ -30,9 +30,14 @@ def check_untouched_padding(buf, rows, width):
     assert buf[~inside].isnan().all(), "wrote outside the output view"
 
 
-def run(q, k, v, n_ctx):
-    """(ctx, x) outputs of the kernel, written into padded NaN views."""
+def run(q, k, v, n_ctx, padded=True):
+    """(ctx, x) outputs of the kernel, written into padded NaN views, or (padded=False) into plain (B, rows, H*Dh)
+    tensors as the model's workspace holds them: row stride H*Dh, the layout production compiles for."""
     B, H, L, Dh = q.shape
+    if not padded:
+        out_ctx, out_x = (torch.empty(B, r, H * Dh, dtype=q.dtype, device=q.device) for r in (n_ctx, L - n_ctx))
+        kern.joint_attention(q, k, v, out_ctx if n_ctx else None, out_x, n_ctx)
+        return out_ctx, out_x
     ctx_buf, out_ctx = padded_output(B, n_ctx, H * Dh, q.dtype)
     x_buf, out_x = padded_output(B, L - n_ctx, H * Dh, q.dtype)
     kern.joint_attention(q, k, v, out_ctx if n_ctx else None, out_x, n_ctx)
@@ -54,10 +59,10 @@ def reference(q, k, v, n_ctx):
     return out_ctx, out_x
 
 
-def check(q, k, v, n_ctx):
+def check(q, k, v, n_ctx, padded=True):
     """The tolerance rule for both outputs; returns the kernel's errors. The truth is the reference in fp32, or in
     fp64 for fp32 inputs: an fp32 truth would be the baseline itself, and on GPU fp32 SDPA may not be exact fp32."""
-    out_ctx, out_x = run(q, k, v, n_ctx)
+    out_ctx, out_x = run(q, k, v, n_ctx, padded)
     truth_dtype = torch.float64 if q.dtype == torch.float32 else torch.float32
     truth = reference(q.to(truth_dtype), k.to(truth_dtype), v.to(truth_dtype), n_ctx)
     plain = reference(q, k, v, n_ctx)  # the reference's attention is SDPA in the input dtype: the baseline
@@ -68,11 +73,69 @@ def check(q, k, v, n_ctx):
     return errors
 
 
+@pytest.fixture(params=["pointer", "tma"])
+def load_style(request, monkeypatch):
+    """The interpreter runs one config (kern.INTERPRETER_CONFIG): the pointer-load form, or the TMA form whose q/k/v
+    tiles come through tensor descriptors (zero-filled past L). The kernel body is the same; only the loads differ.
+    What the interpreter cannot show for the TMA form (the sm_90 code: wgmma, cp.async.bulk.tensor, mbarriers) the
+    compile report checks (tests/test_kernels_report.py), and the GPU tests time and check it on Hopper."""
+    if request.param == "tma":
+        monkeypatch.setattr(kern, "INTERPRETER_CONFIG", kern._config(32, 32, 4, 1, tma=True))
+    kern._joint_attention_kernel.cache.clear()  # the autotuner remembers its choice per key
+    yield request.param
+    kern._joint_attention_kernel.cache.clear()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_joint_attention(case, dtype):
+def test_joint_attention(case, dtype, load_style):
     B, H, L, Dh, n_ctx = case
     check(*qkv(B, H, L, Dh, dtype), n_ctx)
+    assert kern._joint_attention_kernel.best_config.kwargs["USE_TMA"] == (load_style == "tma")
+
+
+def test_autotune_key_buckets_lengths():
+    """The tuning key is (B*H, L rounded up to 1024, Dh, dtypes): every prompt length of a 1024x1024 image shares one
+    tuning; a different batch x heads tunes again."""
+    assert kern._tuning_length(4096 + 154) == kern._tuning_length(4096 + 333) == 5120
+    assert kern._tuning_length(1024) == 1024 and kern._tuning_length(1025) == 2048
+    tuner = kern._joint_attention_kernel
+    tuner.cache.clear()
+    for B, H, L in ((1, 2, 40), (1, 2, 60), (2, 1, 50), (2, 2, 40)):
+        run(*qkv(B, H, L, 64, torch.float16), 5)
+    assert sorted(k[:2] for k in tuner.cache) == [(2, 1024), (4, 1024)]
+    tuner.cache.clear()
+
+
+def _named_args(q, Dh):
+    s = {f"stride_{t}{d}": q.stride(i) for t in "qkv" for i, d in enumerate("bhl")}
+    return {"Q": q, "K": q, "V": q, "HEAD_DIM": Dh, **s}
+
+
+def test_configs_per_arch():
+    """sm_80 gets pointer loads only, without the 32-rows-per-warp tiles (255 registers there); sm_90 gets them all
+    plus the TMA forms; fp32 and Dh 128 keep to 16 rows per warp and key tiles of at most 64, with 8 warps on sm_80."""
+    configs = kern._configs_for
+    q16 = torch.empty(2, 4, 256, 64, dtype=torch.float16)
+    sm80, sm90 = configs(80, _named_args(q16, 64)), configs(90, _named_args(q16, 64))
+    assert sm80 and not any(c.kwargs["USE_TMA"] for c in sm80)
+    assert all(c.kwargs["BLOCK_M"] // c.num_warps <= 16 and c.kwargs["BLOCK_N"] // c.num_warps <= 16 for c in sm80)
+    wide80 = configs(80, _named_args(torch.empty(2, 4, 256, 128, dtype=torch.bfloat16), 128))
+    assert wide80 and all(c.num_warps == 8 for c in wide80)
+    assert set(kern.POINTER_CONFIGS) | set(kern.TMA_CONFIGS) == set(sm90)
+    for q, Dh in ((torch.empty(2, 4, 256, 64), 64), (torch.empty(2, 4, 256, 128, dtype=torch.float16), 128)):
+        for c in configs(90, _named_args(q, Dh)):
+            assert c.kwargs["BLOCK_M"] // c.num_warps <= 16 and c.kwargs["BLOCK_N"] <= 64
+    assert configs(None, _named_args(q16, 64)) == [kern.INTERPRETER_CONFIG]
+
+
+def test_tma_needs_aligned_rows():
+    """A q whose heads do not start on 16 bytes cannot be described to TMA: only pointer-load configs remain."""
+    n = 1 * 2 * 256 * 64
+    buf = torch.empty(n + 8, dtype=torch.float16)
+    q = buf[4 : 4 + n].view(1, 2, 256, 64)  # 8 bytes in
+    assert not any(c.kwargs["USE_TMA"] for c in kern._configs_for(90, _named_args(q, 64)))
+    assert any(c.kwargs["USE_TMA"] for c in kern._configs_for(90, _named_args(buf[8 : 8 + n].view(1, 2, 256, 64), 64)))
 
 
 def test_peaked_scores():
@@ -156,8 +219,10 @@ def test_error_head_dim():
     ids=str,
 )
 def test_real_size_gpu(case, dtype):
+    """At the released sizes, into outputs laid out as the model's workspace (row stride D, 16-byte aligned): the
+    variant production compiles and runs, not the padded-output one."""
     B, H, L, Dh, n_ctx = case
-    check(*qkv(B, H, L, Dh, dtype), n_ctx)
+    check(*qkv(B, H, L, Dh, dtype), n_ctx, padded=False)
 
 
 @pytest.mark.gpu
@@ -169,8 +234,27 @@ def test_fp32_is_ieee_gpu():
 
 @pytest.mark.gpu
 def test_autotuned_gpu():
-    """On GPU the kernel is autotuned over several configs and picks one of them for the (L, Dh) key."""
+    """On GPU the kernel is autotuned over several configs and picks one of them for the (B*H, length bucket, Dh)
+    key."""
     configs = kern._joint_attention_kernel.configs
     assert len(configs) > 1
     check(*qkv(1, 2, 1000, 64, torch.float16), 10)
     assert kern._joint_attention_kernel.best_config in configs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_every_candidate_gpu(monkeypatch, dtype):
+    """Each config the autotuner may pick on this GPU (the TMA forms too, on Hopper) is correct by itself: the
+    autotuner only compares speed. A joint case with a key tail and a tile straddling n_ctx, and the x-only case."""
+    q, k, v = qkv(2, 3, 1024 + 77, 64, dtype)
+    named = {"Q": q, "K": k, "V": v, "HEAD_DIM": 64,
+             **{f"stride_{t}{d}": q.stride(i) for t in "qkv" for i, d in enumerate("bhl")}}  # fmt: skip
+    arch = kern._device_arch(q)
+    for config in kern._configs_for(arch, named):
+        monkeypatch.setattr(kern, "_configs_for", lambda arch, named_args, c=config: [c])
+        kern._joint_attention_kernel.cache.clear()
+        check(q, k, v, 77, padded=False)
+        check(q[:, :, 77:], k[:, :, 77:], v[:, :, 77:], 0, padded=False)
+        assert kern._joint_attention_kernel.best_config is config
+    kern._joint_attention_kernel.cache.clear()

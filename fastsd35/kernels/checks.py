@@ -38,7 +38,8 @@ def check_tensor(op: str, name: str, t, ndim: int, dtype: torch.dtype | None = N
             f"{op}: {name} is on the CPU; the Triton kernels need CUDA tensors "
             "(or TRITON_INTERPRET=1 set before triton is imported; otherwise use fastsd35.kernels.REFERENCE_OPS)"
         )
-    if t.device.type not in ("cpu", "cuda"):
+    # Meta tensors (shapes, no data) pass: the launchers then compute their launch and stop (kernels/launch.py).
+    if t.device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"{op}: {name} is on {t.device}; the Triton kernels run on CUDA (or the CPU interpreter)")
 
 

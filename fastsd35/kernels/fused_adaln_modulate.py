@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 
 from .checks import check_shape, check_tensor, unit_last_stride
+from .launch import launch
+from .variants import IMAGE_TOKENS, meta_tensor, modulation_rows, report_case, sd35_launch_sizes
 
 EPS = 1e-6
 MAX_D = 16384  # a whole row lives in registers; beyond this it would spill
@@ -201,14 +203,14 @@ def _launch_ln_modulate(x, mod1, mod2, out1, out2):
     two = mod2 is not None
     shift2, scale2 = mod2 if two else mod1  # unused placeholders when TWO is off
     out2 = out2 if two else out1
-    _ln_modulate_kernel[(B * L,)](
+    args = (
         x, mod1[0], mod1[1], shift2, scale2, out1, out2,
         L, D,
         x.stride(0), x.stride(1), mod1[0].stride(0), mod1[1].stride(0), shift2.stride(0), scale2.stride(0),
         out1.stride(0), out1.stride(1),
         EPS,
-        TWO=two, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
+    launch(_ln_modulate_kernel, (B * L,), args, dict(TWO=two, BLOCK_D=block_d, num_warps=num_warps), x.device)
 
 
 def gated_residual_ln_modulate(x, y, gate, shift, scale, y2=None, gate2=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,14 +254,35 @@ def _launch_gated_residual(x, y, gate, y2, gate2, mod, x_new, h):
     y2, gate2 = (y2, gate2) if has_y2 else (y, gate)
     shift, scale = mod if norm else (gate, gate)
     h = h if norm else x_new
-    _gated_residual_ln_modulate_kernel[(B * L,)](
+    args = (
         x, y, gate, y2, gate2, shift, scale, x_new, h,
         L, D,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), y2.stride(0), y2.stride(1),
         gate.stride(0), gate2.stride(0), shift.stride(0), scale.stride(0), x_new.stride(0), x_new.stride(1),
         EPS,
-        HAS_Y2=has_y2, NORM=norm, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
+    meta = dict(HAS_Y2=has_y2, NORM=norm, BLOCK_D=block_d, num_warps=num_warps)
+    launch(_gated_residual_ln_modulate_kernel, (B * L,), args, meta, x.device)
+
+
+@report_case
+def _report_rows(dtype: torch.dtype) -> None:
+    """Every row op at the released sizes, with the modulation vectors as strided views, as the model passes them."""
+    for shape, batch, n_ctx in sd35_launch_sizes():
+        mods = modulation_rows(batch, shape.hidden, 9, dtype)
+        for rows in (n_ctx, IMAGE_TOKENS):
+            x, y, y2 = (meta_tensor(batch, rows, shape.hidden, dtype=dtype) for _ in range(3))
+            ln_modulate(x, mods[0], mods[1])
+            ln_modulate2(x, mods[0], mods[1], mods[6], mods[7])
+            gated_residual_ln_modulate(x, y, mods[2], mods[3], mods[4])
+            gated_residual_ln_modulate(x, y, mods[2], mods[3], mods[4], y2, mods[8])
+            gated_residual(x, y, mods[5])
+            # the FP8 path's launches (FP8_OUT; compiled for sm_89+ only, the GPUs with FP8 tensor cores)
+            if dtype is not torch.float32:
+                ln_modulate_fp8(x, mods[0], mods[1])
+                ln_modulate2_fp8(x, mods[0], mods[1], mods[6], mods[7])
+                gated_residual_ln_modulate_fp8(x, y, mods[2], mods[3], mods[4])
+                gated_residual_ln_modulate_fp8(x, y, mods[2], mods[3], mods[4], y2, mods[8])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,15 +329,16 @@ def _launch_ln_modulate_fp8(x, mod1, mod2, out1, out2, fp8_1, fp8_2):
     two = mod2 is not None
     shift2, scale2 = mod2 if two else mod1  # unused placeholders when TWO is off
     out2, fp8_2 = (out2, fp8_2) if two else (out1, fp8_1)
-    _ln_modulate_kernel[(B * L,)](
+    args = (
         x, mod1[0], mod1[1], shift2, scale2, out1, out2,
         L, D,
         x.stride(0), x.stride(1), mod1[0].stride(0), mod1[1].stride(0), shift2.stride(0), scale2.stride(0),
         out1.stride(0), out1.stride(1),
         EPS,
-        TWO=two, BLOCK_D=block_d, num_warps=num_warps,
-        Q1=fp8_1[0], S1=fp8_1[1], Q2=fp8_2[0], S2=fp8_2[1], FP8_OUT=True,
     )  # fmt: skip
+    meta = dict(TWO=two, BLOCK_D=block_d, num_warps=num_warps,
+                Q1=fp8_1[0], S1=fp8_1[1], Q2=fp8_2[0], S2=fp8_2[1], FP8_OUT=True)  # fmt: skip
+    launch(_ln_modulate_kernel, (B * L,), args, meta, x.device)
 
 
 def gated_residual_ln_modulate_fp8(x, y, gate, shift, scale, y2=None, gate2=None):
@@ -337,14 +361,14 @@ def gated_residual_ln_modulate_fp8(x, y, gate, shift, scale, y2=None, gate2=None
         has_y2 = y2 is not None
         block_d, num_warps = _row_launch(D)
         y2_, gate2_ = (y2, m["gate2"]) if has_y2 else (y, m["gate"])  # placeholders when HAS_Y2 is off
-        _gated_residual_ln_modulate_kernel[(B * L,)](
+        args = (
             x, y, m["gate"], y2_, gate2_, m["shift"], m["scale"], x_new, h,
             L, D,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), y2_.stride(0), y2_.stride(1),
             m["gate"].stride(0), gate2_.stride(0), m["shift"].stride(0), m["scale"].stride(0), x_new.stride(0),
             x_new.stride(1),
             EPS,
-            HAS_Y2=has_y2, NORM=True, BLOCK_D=block_d, num_warps=num_warps,
-            Q=q, S=s, FP8_OUT=True,
         )  # fmt: skip
+        meta = dict(HAS_Y2=has_y2, NORM=True, BLOCK_D=block_d, num_warps=num_warps, Q=q, S=s, FP8_OUT=True)
+        launch(_gated_residual_ln_modulate_kernel, (B * L,), args, meta, x.device)
     return x_new, h, (q, s)

@@ -7,10 +7,13 @@ columns h*Dh .. h*Dh+Dh-1). One program moves a (BLOCK_L, Dh) tile of one (batch
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from .checks import check_head_dim, check_shape, check_tensor, check_writable_rows, unit_last_stride
+from .launch import launch
+from .variants import DH128, IMAGE_TOKENS, meta_tensor, report_case, sd35_launch_sizes
 
 EPS = 1e-6
 BLOCK_L = 32  # rows per program: a 32 x 128 fp32 tile per tensor keeps 4 warps busy without spilling
@@ -94,7 +97,7 @@ def split_qkv_rmsnorm(qkv, q_weight, k_weight, q_out, k_out, v_out, seq_offset: 
     k_weight = None if k_weight is None else k_weight.contiguous()
     placeholder = qkv  # stands in for an absent weight; the kernel never reads it
     grid = (triton.cdiv(L, BLOCK_L), B * H)
-    _split_qkv_rmsnorm_kernel[grid](
+    args = (
         qkv, q_weight if q_weight is not None else placeholder, k_weight if k_weight is not None else placeholder,
         q_out, k_out, v_out,
         L, H, seq_offset,
@@ -103,6 +106,19 @@ def split_qkv_rmsnorm(qkv, q_weight, k_weight, q_out, k_out, v_out, seq_offset: 
         k_out.stride(0), k_out.stride(1), k_out.stride(2),
         v_out.stride(0), v_out.stride(1), v_out.stride(2),
         EPS,
-        NORM_Q=q_weight is not None, NORM_K=k_weight is not None,
-        HEAD_DIM=Dh, BLOCK_L=BLOCK_L, num_warps=4,
     )  # fmt: skip
+    meta = dict(NORM_Q=q_weight is not None, NORM_K=k_weight is not None, HEAD_DIM=Dh, BLOCK_L=BLOCK_L, num_warps=4)
+    launch(_split_qkv_rmsnorm_kernel, grid, args, meta, q_out.device)
+
+
+@report_case
+def _report_split(dtype: torch.dtype) -> None:
+    """Context rows at offset 0 and image rows at offset n_ctx of the joint buffers, with and without qk RMSNorm
+    (SD3 Medium has none), at the released sizes and at Dh 128."""
+    sizes = sd35_launch_sizes() + [(DH128, 2, 154)]
+    for shape, batch, n_ctx in sizes:
+        H, Dh = shape.heads, shape.head_dim
+        buffers = [meta_tensor(batch, H, n_ctx + IMAGE_TOKENS, Dh, dtype=dtype) for _ in range(3)]
+        for weight in (meta_tensor(Dh, dtype=dtype), None):
+            for rows, offset in ((n_ctx, 0), (IMAGE_TOKENS, n_ctx)):
+                split_qkv_rmsnorm(meta_tensor(batch, rows, 3 * H * Dh, dtype=dtype), weight, weight, *buffers, offset)
