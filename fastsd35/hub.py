@@ -212,10 +212,17 @@ def preset_for(repo: str, listing: dict[str, int | None] | None = None) -> Prese
     official checkpoint file the repository holds."""
     if repo in KNOWN_REPOS:
         return PRESETS[KNOWN_REPOS[repo]]
-    found = [p for p in PRESETS.values() if p.name != "tiny" and any(c in (listing or {}) for c in p.checkpoints)]
+    found = [p for p in PRESETS.values() if any(c in (listing or {}) for c in p.checkpoints)]
     if len(found) != 1:
         raise FastSD35Error(f"{repo}: cannot tell which model it holds: pass --preset ({', '.join(PRESETS)})")
     return found[0]
+
+
+def preset_of(repo: str, revision: str | None = None) -> Preset:
+    """The preset for a Hub repository: a released one by name (no request), else from its file list."""
+    if repo in KNOWN_REPOS:
+        return PRESETS[KNOWN_REPOS[repo]]
+    return plan(repo, revision, None).preset
 
 
 def select_files(listing, preset: Preset, *, t5: bool = True, dtype: str | None = None) -> tuple[str, str | None, list[str]]:
@@ -350,8 +357,8 @@ def download(p: HubPlan) -> Path:
         size = path.stat().st_size if path.is_file() else None
         if size is None or (f.size is not None and size != f.size):
             found = "missing" if size is None else f"{size} bytes, expected {f.size}"
-            raise FastSD35Error(f"{p.name}: {f.path} in the cache is incomplete ({found}): run the same command again "
-                                "online to fetch it")
+            raise FastSD35Error(f"{p.name}: {path} in the Hugging Face cache is incomplete ({found}): delete it and "
+                                "run the same command again online to fetch it")
     return snapshot / p.checkpoint if p.checkpoint else snapshot
 
 
@@ -364,5 +371,5 @@ def resolve(model: str, preset: Preset | None = None, *, t5: bool = True, dtype:
     return download(p), p.preset
 
 
-__all__ = ["HubFile", "HubPlan", "KNOWN_REPOS", "download", "parse_hub_name", "plan", "preset_for", "resolve",
+__all__ = ["HubFile", "HubPlan", "KNOWN_REPOS", "download", "parse_hub_name", "plan", "preset_for", "preset_of", "resolve",
            "select_files"]

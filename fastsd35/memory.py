@@ -132,6 +132,14 @@ def _config(variant: str):
     return CONFIGS[variant]
 
 
+def dtype_name(dtype) -> str:
+    """A --dtype name for a torch dtype (or a name)."""
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    if isinstance(dtype, str):
+        return dtype
+    return names.get(dtype) or ("fp8" if "float8" in str(dtype) else str(dtype))
+
+
 def device_memory(device: torch.device) -> tuple[int, int]:
     """(free, total) bytes of a CUDA device (the seam tests replace)."""
     return torch.cuda.mem_get_info(device)
@@ -194,5 +202,5 @@ def _smaller_shapes(r: Request, fits) -> list[tuple[str, Request]]:
     return shapes
 
 
-__all__ = ["Estimate", "Request", "device_memory", "encoder_parameters", "estimate", "fit_hint", "preflight",
+__all__ = ["Estimate", "Request", "device_memory", "dtype_name", "encoder_parameters", "estimate", "fit_hint", "preflight",
            "transformer_parameters", "vae_parameters"]
