@@ -39,13 +39,14 @@ ENCODER_CONFIGS = {
 
 @lru_cache(maxsize=None)
 def transformer_parameters(variant: str) -> tuple[int, int]:
-    """(all parameters, those in Linear weights) of a released transformer (model.CONFIGS), counted on the meta device."""
+    """(all weights, those in Linear layers) of a released transformer (model.CONFIGS), counted on the meta device;
+    all weights = every tensor of its state dict (the position table is a buffer)."""
     from .model import CONFIGS, MMDiTX
 
     with torch.device("meta"):
         model = MMDiTX(CONFIGS[variant])
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return sum(p.numel() for p in model.parameters()), linear
+    return sum(t.numel() for t in model.state_dict().values()), linear
 
 
 @lru_cache(maxsize=None)
