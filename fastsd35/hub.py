@@ -180,7 +180,7 @@ def _explain(e: BaseException, repo: str, revision: str, during: str) -> FastSD3
 
     if isinstance(e, GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
         return FastSD35Error(f"{repo} is gated: accept the license at https://huggingface.co/{repo} and log in with "
-                             "`huggingface-cli login` or set HF_TOKEN")
+                             f"`{login_command()}` or set HF_TOKEN")
     if isinstance(e, RevisionNotFoundError):
         return FastSD35Error(f"{repo} has no revision {revision!r}: use a branch, tag or commit of the repository "
                              f"(see https://huggingface.co/{repo}/tree/main)")
@@ -197,6 +197,14 @@ def _explain(e: BaseException, repo: str, revision: str, during: str) -> FastSD3
         return FastSD35Error(f"the Hugging Face Hub failed on {repo} ({_first_line(e)}): try again later"
                              + (" (the download resumes where it stopped)" if during == "download" else ""))
     return None
+
+
+def login_command() -> str:
+    """The login command of the installed huggingface_hub (1.0 replaced `huggingface-cli` with `hf`)."""
+    import huggingface_hub
+
+    major = huggingface_hub.__version__.split(".")[0]
+    return "huggingface-cli login" if major.isdigit() and int(major) < 1 else "hf auth login"
 
 
 def _first_line(e: BaseException) -> str:

@@ -259,9 +259,17 @@ def test_not_enough_disk_space_is_found_before_downloading(monkeypatch, hf_cache
         hub.download(p)  # the guarded snapshot_download was never called
 
 
+@pytest.mark.parametrize("version, login", [("0.30.2", "huggingface-cli login"), ("1.0.0", "hf auth login")])
+def test_gated_repository_names_the_license_page_and_the_login(monkeypatch, version, login):
+    monkeypatch.setattr(huggingface_hub, "__version__", version)  # huggingface_hub 1.0 replaced huggingface-cli by hf
+    online(monkeypatch, error=http_error(GatedRepoError, 403))
+    with pytest.raises(FastSD35Error) as e:
+        hub.plan("org/turbo", None, PRESETS["large_turbo"])
+    assert str(e.value) == (f"org/turbo is gated: accept the license at https://huggingface.co/org/turbo and log in with "
+                            f"`{login}` or set HF_TOKEN")
+
+
 @pytest.mark.parametrize("error, message", [
-    (lambda: http_error(GatedRepoError, 403),
-     "org/turbo is gated: accept the license at https://huggingface.co/org/turbo and log in with `huggingface-cli login` or set HF_TOKEN"),
     (lambda: http_error(RepositoryNotFoundError, 404), "org/turbo: no such model on the Hugging Face Hub"),
     (lambda: http_error(RevisionNotFoundError, 404), "org/turbo has no revision 'main': use a branch, tag or commit"),
     (connection_error, "cannot reach the Hugging Face Hub (ConnectError: [Errno -3] Temporary failure in name resolution) "
@@ -358,7 +366,7 @@ def test_cli_gated_repository_is_one_line(monkeypatch, tmp_path, capsys):
     assert cli.main(["run", "--model", "stabilityai/stable-diffusion-3.5-large", "--prompt", "a", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err == ("fastsd35: error: stabilityai/stable-diffusion-3.5-large is gated: accept the license at "
-                   "https://huggingface.co/stabilityai/stable-diffusion-3.5-large and log in with `huggingface-cli login` "
+                   f"https://huggingface.co/stabilityai/stable-diffusion-3.5-large and log in with `{hub.login_command()}` "
                    "or set HF_TOKEN\n")
     assert not (tmp_path / "o").exists()
 
