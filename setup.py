@@ -25,5 +25,6 @@ setup(
     entry_points={"console_scripts": ["fastsd35=fastsd35.cli:main"]},
     extras_require={
         "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "diffusers>=0.31"],
+        "dev": ["pytest-cov>=5.0"],  # tools/mutation.py
     },
 )
