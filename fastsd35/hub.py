@@ -90,8 +90,8 @@ def parse_hub_name(model) -> tuple[str, str | None] | None:
     m = _HUB_NAME.fullmatch(text)
     if not m or Path(text).expanduser().exists() or "--" in m["repo"] or ".." in text:
         return None
-    if text.lower().endswith(_LOCAL_SUFFIXES) or Path(text.split("/")[0]).is_dir():
-        return None  # a checkpoint file or a folder that is missing: the local-path error says what was expected
+    if text.lower().endswith(_LOCAL_SUFFIXES):
+        return None  # a checkpoint file that is missing: the local-path error says what was expected
     return m["repo"], m["revision"]
 
 
@@ -291,8 +291,8 @@ def plan(repo: str, revision: str | None, preset: Preset | None, *, t5: bool = T
             print(f"fastsd35: using the cached {repo}: {problem}", file=sys.stderr)
     if listing is None and not cached:
         raise FastSD35Error(f"{repo}{'' if revision == 'main' else '@' + revision} is not in the Hugging Face cache "
-                            f"{hf_cache_dir()} and HF_HUB_OFFLINE is set: run once online to download it, or pass a "
-                            "local --model path")
+                            f"{hf_cache_dir()} and HF_HUB_OFFLINE is set (nor is it a local file or folder): run once online to "
+                            "download it, or pass a local --model path")
     snapshot = storage_folder(repo) / "snapshots" / commit
     cached = _cached_files(snapshot)
     listing = cached if listing is None else listing

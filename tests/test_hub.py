@@ -161,8 +161,8 @@ def test_hub_names_and_local_paths(tmp_path, monkeypatch):
     assert hub.parse_hub_name(f"org/name@{COMMIT_A}") == ("org/name", COMMIT_A)
     for local in ("models", "./org/name", "/org/name", "a/b/c", "org/model.safetensors", "org/..", "~/x", None):
         assert hub.parse_hub_name(local) is None, local
-    (tmp_path / "models").mkdir()
-    assert hub.parse_hub_name("models/sd3.5_large") is None  # a missing file in an existing folder: a local path
+    (tmp_path / "org").mkdir()
+    assert hub.parse_hub_name("org/name") == ("org/name", None)  # only a path that exists is local
     (tmp_path / "org" / "name").mkdir(parents=True)
     assert hub.parse_hub_name("org/name") is None  # an existing path wins
 
