@@ -186,7 +186,7 @@ def _explain(e: BaseException, repo: str, revision: str, during: str) -> FastSD3
                              f"(see https://huggingface.co/{repo}/tree/main)")
     if isinstance(e, RepositoryNotFoundError):
         return FastSD35Error(f"{repo}: no such model on the Hugging Face Hub, and no local file or folder of that name "
-                             "(a private repository needs `huggingface-cli login` or HF_TOKEN)")
+                             f"(a private repository needs `{login_command()}` or HF_TOKEN)")
     if isinstance(e, LocalEntryNotFoundError) or isinstance(e, _network_errors()):
         if during == "download":
             return FastSD35Error(f"the download of {repo} was interrupted ({_first_line(e)}): run the same command "

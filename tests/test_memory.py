@@ -121,3 +121,11 @@ def test_preflight_runs_before_anything_is_loaded_or_written(monkeypatch, gpu_wi
     err = capsys.readouterr().err
     assert err.startswith("fastsd35: error: SD3.5 Large in bf16 at 1024x1024, batch 1 needs about") and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_pipeline_checks_the_weights_fit_before_loading(gpu_with, large_folder):
+    from fastsd35.runner import Pipeline
+
+    gpu_with(8)  # the Large weights alone are 16 GB in bf16
+    with pytest.raises(FastSD35Error, match=r"SD3.5 Large in bf16 at 256x256, batch 1 needs about 1\d\.\d GB .* 8.0 GB free"):
+        Pipeline.from_pretrained(large_folder, "large", device="cuda")  # the empty checkpoint is never opened
