@@ -306,7 +306,8 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
     return {
         "fastsd35_version": __version__,
         "preset": job.preset.name,
-        "model": None if job.preset.name == "tiny" and job.model == Path("models") else str(job.model),
+        "model": f"{job.hub.repo}@{job.hub.commit}" if job.hub else  # a Hub name, pinned to the commit used
+        None if job.preset.name == "tiny" and job.model == Path("models") else str(job.model),
         "prompt": prompt,
         "negative_prompt": job.negative_prompt,
         "seed": seed,

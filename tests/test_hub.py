@@ -12,6 +12,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 from huggingface_hub.hf_api import ModelInfo
+from PIL import Image
 from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
 from fastsd35 import cli, hub
@@ -338,8 +339,12 @@ def test_cli_generates_from_a_cached_hub_repository(hf_cache, tiny_files, tmp_pa
     put_in_cache(hf_cache, "org/tiny-sd3", tiny_files)
     out = tmp_path / "out"
     assert cli.main(["run", "--model", "org/tiny-sd3", "--prompt", "a red cube", "--out", str(out), *FAST]) == 0
-    with open(out / "tiny_a-red-cube_23.png", "rb") as f:
-        assert json.loads(__import__("PIL.Image").Image.open(f).info["fastsd35"])["model"] == "org/tiny-sd3"
+    png = out / "tiny_a-red-cube_23.png"
+    with Image.open(png) as image:
+        assert json.loads(image.info["fastsd35"])["model"] == f"org/tiny-sd3@{COMMIT_A}"  # pinned to the commit
+    assert cli.main(["run", "--from-png", str(png), "--out", str(out)]) == 0  # reproduced from the cache, no request
+    with Image.open(png) as a, Image.open(out / "tiny_a-red-cube_23-2.png") as b:
+        assert a.tobytes() == b.tobytes()
 
     monkeypatch.chdir(tmp_path)  # a local folder of the same name wins
     (tmp_path / "org" / "tiny-sd3").mkdir(parents=True)
