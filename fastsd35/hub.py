@@ -370,14 +370,5 @@ def download(p: HubPlan) -> Path:
     return snapshot / p.checkpoint if p.checkpoint else snapshot
 
 
-def resolve(model: str, preset: Preset | None = None, *, t5: bool = True, dtype: str | None = None) -> tuple[Path, Preset]:
-    """A Hub name -> (local path to load, preset), downloading what is missing."""
-    repo, revision = parse_hub_name(model) or (None, None)
-    if repo is None:
-        raise FastSD35Error(f"{model}: not a Hugging Face Hub name (ORG/NAME[@REVISION])")
-    p = plan(repo, revision, preset, t5=t5, dtype=dtype)
-    return download(p), p.preset
-
-
-__all__ = ["HubFile", "HubPlan", "KNOWN_REPOS", "download", "parse_hub_name", "plan", "preset_for", "preset_of", "resolve",
+__all__ = ["HubFile", "HubPlan", "KNOWN_REPOS", "download", "parse_hub_name", "plan", "preset_for", "preset_of",
            "select_files"]
