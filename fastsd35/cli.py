@@ -12,18 +12,19 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from . import __version__, benchmark, hub, kernels, memory
+from . import __version__, benchmark, distributed, hub, kernels, memory
 from .checkpoints import find_model_files, transformer_config
 from .errors import FastSD35Error
 from .outputs import image_name, output_folder, png_bytes, read_record, write_png
 from .model import CONFIGS
 from .presets import CONTROL_TYPES, PRESETS, Preset, Settings, get_preset
-from .sampling import SAMPLERS, SLGConfig
+from .sampling import SAMPLERS, CFGDenoiser, SLGConfig
 from .tiny import TINY_MMDITX_CONFIG
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--overwrite", action="store_true", help="replace existing files instead of writing name-2.png")
     out.add_argument("--dry-run", action="store_true", help="print the files, settings, memory estimate and output names; "
                                                             "download, load and write nothing")
+    distributed.add_arguments(run)
     run.set_defaults(handler=run_command)
     bench = commands.add_parser("bench", help="time the kernels, the transformer step and a generation",
                                 description="Time the kernels, the transformer step and a whole generation against "
@@ -128,6 +130,7 @@ class Job:
     control: Control | None
     hub: hub.HubPlan | None = None  # a Hub name's files (downloaded by `load`)
     memory: memory.Request | None = None  # what the GPU memory preflight checks (released models)
+    cfg_parallel: bool = False  # cond and uncond as two passes (on two ranks under torchrun)
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,8 @@ class Control:
 
 
 def run_command(args) -> int:
+    if distributed.launched():  # one rank of a torchrun job
+        return distributed.run_command(args)
     started = time.perf_counter()
     job = plan(args)
     if args.dry_run:
@@ -153,17 +158,9 @@ def run_command(args) -> int:
     with output_folder(args.out) as out:
         pipe = load(job, args)
         timings, written = dict(pipe.timings), []
-        control = None
-        if job.control:  # one control latent for the whole run
-            control = pipe.encode_control(job.control.image, job.settings.width, job.settings.height, job.seed)
+        control = control_latent(pipe, job)
         for prompt in job.prompts:
-            gen = pipe.generate(
-                prompt, job.negative_prompt, seed=job.seed, batch_size=job.batch_size, init_image=job.init_image,
-                denoise=job.settings.denoise, steps=job.settings.steps, cfg=job.settings.cfg, shift=job.settings.shift,
-                sampler=job.settings.sampler, width=job.settings.width, height=job.settings.height,
-                slg=job.settings.slg or False, control_image=control,
-                control_strength=job.control.strength if job.control else 1.0,
-            )
+            gen = pipe.generate(prompt, **generate_kwargs(job, control))
             for stage, seconds in gen.timings.items():
                 timings[stage] = timings.get(stage, 0.0) + seconds
             for image, seed in zip(gen.images, gen.seeds):
@@ -214,6 +211,25 @@ def _describe(s: Settings) -> str:
     return f"{s.steps} steps, cfg {s.cfg}, shift {s.shift}, {s.sampler}, {s.width}x{s.height}, {slg}"
 
 
+def control_latent(pipe, job: Job):
+    """One control latent for the whole run (None without a ControlNet)."""
+    if job.control is None:
+        return None
+    return pipe.encode_control(job.control.image, job.settings.width, job.settings.height, job.seed)
+
+
+def generate_kwargs(job: Job, control) -> dict:
+    """`Pipeline.generate`'s arguments for every prompt of the job."""
+    s = job.settings
+    return dict(
+        negative_prompt=job.negative_prompt, seed=job.seed, batch_size=job.batch_size, init_image=job.init_image,
+        denoise=s.denoise, steps=s.steps, cfg=s.cfg, shift=s.shift, sampler=s.sampler, width=s.width,
+        height=s.height, slg=s.slg or False, control_image=control,
+        control_strength=job.control.strength if job.control else 1.0,
+        denoiser_cls=partial(CFGDenoiser, split=True) if job.cfg_parallel else CFGDenoiser,
+    )
+
+
 def plan(args) -> Job:
     """Check every argument and input file that can be checked without loading a model."""
     if args.from_png:
@@ -243,14 +259,18 @@ def plan(args) -> Job:
     need = None
     if preset.variant in memory.LABELS:
         need = memory.Request(preset.variant, args.dtype or ("bf16" if device.type == "cuda" else "fp32"), settings.width,
-                              settings.height, args.batch_size, settings.cfg > 1, not args.no_t5, t5_tokens,
-                              args.text_encoder_device)  # fmt: skip
+                              settings.height, args.batch_size, settings.cfg > 1 and not args.cfg_parallel,
+                              not args.no_t5, t5_tokens, args.text_encoder_device)  # fmt: skip
+    if args.cfg_parallel and settings.cfg <= 1:
+        raise FastSD35Error(f"--cfg-parallel splits the cond and uncond passes, but cfg {settings.cfg:g} <= 1 runs "
+                            f"the cond pass only: drop --cfg-parallel (or raise --cfg)")
     return Job(
         preset=preset, model=model, prompts=prompts, negative_prompt=args.negative_prompt or "",
         seed=23 if args.seed is None else args.seed, batch_size=args.batch_size, settings=settings,
         init_image=init_image, init_image_path=args.init_image, device=device,
         dtype=DTYPES[args.dtype] if args.dtype else None, t5=not args.no_t5, t5_tokens=t5_tokens, control=control,
         hub=hub.plan(*hub_name, preset, t5=not args.no_t5, dtype=args.dtype) if hub_name else None, memory=need,
+        cfg_parallel=bool(args.cfg_parallel),
     )
 
 
@@ -325,6 +345,7 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
         "no_t5": not job.t5,
         "controlnet": control,
         "backend": kernels.backend(pipe.device),
+        "cfg_parallel": job.cfg_parallel,
     }
 
 
@@ -341,6 +362,8 @@ def _fill_from_record(args, record: dict):
     if args.slg is None:
         slg = record.get("slg")
         args.slg = SLGConfig(**{**slg, "layers": tuple(slg["layers"])}) if slg else False
+    if args.cfg_parallel is None:
+        args.cfg_parallel = record.get("cfg_parallel", False)
     control = record.get("controlnet")
     if control and args.controlnet is None:
         args.controlnet, args.control_type = Path(control["controlnet"]), control["control_type"]
