@@ -14,6 +14,7 @@ setup(
         "triton>=3.0",
         "safetensors>=0.4",
         "transformers>=4.44",
+        "huggingface_hub>=0.25",
         "tokenizers>=0.19",
         "sentencepiece>=0.2",
         "protobuf>=3.20",

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import __version__, benchmark, distributed, kernels
-from .checkpoints import transformer_config
+from . import __version__, benchmark, distributed, hub, kernels, memory
+from .checkpoints import find_model_files, transformer_config
 from .kernels import report as kernel_report
 from .errors import FastSD35Error
 from .inputs import (FIELDS, MAX_IMAGE_FILE_BYTES, MAX_PROMPTS_FILE_BYTES, Field, check_device, check_prompts,
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="generate images from prompts", description="Generate images from prompts.")
     what = run.add_argument_group("what to generate")
     what.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (read from the checkpoint when it can be)")
-    what.add_argument("--model", help="checkpoint file, folder with the official files, or diffusers folder (default: models/)")
+    what.add_argument("--model", help="Hugging Face Hub name ORG/NAME[@REVISION], checkpoint file, folder with the official "
+                                      "files, or diffusers folder (default: models/); a local path wins over a Hub name")
     what.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     what.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line (blank lines skipped)")
     what.add_argument("--negative-prompt", help='negative prompt (default: "")')
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = run.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default outputs/)")
     out.add_argument("--overwrite", action="store_true", help="replace existing files instead of writing name-2.png")
+    out.add_argument("--dry-run", action="store_true", help="print the files, settings, memory estimate and output names; "
+                                                            "download, load and write nothing")
     distributed.add_arguments(run)
     run.set_defaults(handler=run_command)
     bench = commands.add_parser("bench", help="time the kernels, the transformer step and a generation",
@@ -176,6 +179,8 @@ class Job:
     t5: bool
     t5_tokens: int
     control: Control | None
+    hub: hub.HubPlan | None = None  # a Hub name's files (downloaded by `load`)
+    memory: memory.Request | None = None  # what the GPU memory preflight checks (released models)
     cfg_parallel: bool = False  # cond and uncond as two passes (on two ranks under torchrun)
 
 
@@ -198,6 +203,10 @@ def run_command(args) -> int:
         return distributed.run_command(args)
     started = time.perf_counter()
     job = plan(args)
+    if args.dry_run:
+        return dry_run(job, args)
+    if job.memory:
+        memory.preflight(job.memory, job.device, tuple(DTYPES))
     names = [image_name(job.preset.name, p, job.seed + i) for p in job.prompts for i in range(job.batch_size)]
     check_output(args.out, names, args.overwrite, len(names) * png_size_bound(job.settings.width, job.settings.height))
     pipe = load(job, args)
@@ -216,6 +225,46 @@ def run_command(args) -> int:
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
     print(f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.1f} s ({stages})")
     return 0
+
+
+def dry_run(job: Job, args) -> int:
+    """`fastsd35 run --dry-run`: what a run would read, do and write, with the memory estimate; nothing is written."""
+    print(f"preset: {job.preset.name}: {_describe(job.settings)}, batch {job.batch_size}")
+    if job.hub:
+        h = job.hub
+        print(f"model: {h.name} (commit {h.commit[:12]}, {h.layout} layout, listed from the {h.source})")
+        for f in h.files:
+            size = f"{f.size / 1e9:.2f} GB" if f.size is not None else "?"
+            print(f"  {f.path}  {size}  {'cached' if f.cached else 'to download'}")
+        print(f"  to download: {h.download_bytes / 1e9:.2f} GB into {h.snapshot}")
+    elif job.preset.name == "tiny" and args.model is None:
+        print("model: the built-in tiny model (no files)")
+    else:
+        files = find_model_files(job.model, job.preset)
+        print(f"model: transformer {files.transformer}, VAE {files.vae}, text encoders from {files.text_encoders}")
+    if job.memory:
+        e = memory.estimate(job.memory)
+        where = f"{job.device}, not checked" if job.device.type != "cuda" else str(job.device)
+        print(f"memory ({where}): {e.describe()}")
+        if job.device.type == "cuda":
+            e = memory.preflight(job.memory, job.device, tuple(DTYPES))  # raises with what would fit
+            print(f"  fits: {memory.device_memory(job.device)[0] / 1e9:.1f} GB free; text encoders on "
+                  f"{'the GPU' if e.text_encoders_on_gpu else 'the CPU'}")
+    taken, names = set(), []
+    for prompt in job.prompts:
+        for i in range(job.batch_size):
+            stem, name, n = image_name(job.preset.name, prompt, job.seed + i)[:-4], None, 1
+            while name is None or (not args.overwrite and (name in taken or (args.out / name).exists())):
+                name, n = (f"{stem}.png" if n == 1 else f"{stem}-{n}.png"), n + 1
+            taken.add(name)
+            names.append(str(args.out / name))
+    print(f"outputs: {', '.join(names)}")
+    return 0
+
+
+def _describe(s: Settings) -> str:
+    slg = f"SLG {s.slg.scale} on layers {list(s.slg.layers)}" if s.slg else "no SLG"
+    return f"{s.steps} steps, cfg {s.cfg}, shift {s.shift}, {s.sampler}, {s.width}x{s.height}, {slg}"
 
 
 def control_latent(pipe, job: Job):
@@ -262,6 +311,12 @@ def plan(args) -> Job:
         slg=args.slg, denoise=(0.8 if args.denoise is None else args.denoise) if init_image else 1.0,
         max_pixels=_max_pixels(preset),
     )
+    device, hub_name = _device(args.device), hub.parse_hub_name(args.model)
+    need = None
+    if preset.variant in memory.LABELS:
+        need = memory.Request(preset.variant, args.dtype or ("bf16" if device.type == "cuda" else "fp32"), settings.width,
+                              settings.height, args.batch_size, settings.cfg > 1 and not args.cfg_parallel,
+                              not args.no_t5, t5_tokens, args.text_encoder_device)  # fmt: skip
     if args.cfg_parallel and settings.cfg <= 1:
         raise FastSD35Error(f"--cfg-parallel splits the cond and uncond passes, but cfg {settings.cfg:g} <= 1 runs "
                             f"the cond pass only: drop --cfg-parallel (or raise --cfg)")
@@ -270,6 +325,7 @@ def plan(args) -> Job:
         seed=23 if args.seed is None else args.seed, batch_size=args.batch_size, settings=settings,
         init_image=init_image, init_image_path=args.init_image, init_image_sha256=init_sha, device=device,
         dtype=DTYPES[args.dtype] if args.dtype else None, t5=not args.no_t5, t5_tokens=t5_tokens, control=control,
+        hub=hub.plan(*hub_name, preset, t5=not args.no_t5, dtype=args.dtype) if hub_name else None, memory=need,
         cfg_parallel=bool(args.cfg_parallel),
     )
 
@@ -311,7 +367,8 @@ def load(job: Job, args):
                   control_type=job.control and job.control.control_type)  # fmt: skip
     if job.preset.name == "tiny" and args.model is None:
         return Pipeline.from_preset("tiny", **common)
-    return Pipeline.from_pretrained(job.model, job.preset, text_encoder_device=args.text_encoder_device, **common)
+    model = hub.download(job.hub) if job.hub else job.model
+    return Pipeline.from_pretrained(model, job.preset, text_encoder_device=args.text_encoder_device, **common)
 
 
 def record(job: Job, prompt: str, seed: int, pipe) -> dict:
@@ -325,7 +382,8 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
     return {
         "fastsd35_version": __version__,
         "preset": job.preset.name,
-        "model": None if job.preset.name == "tiny" and job.model == Path("models") else _stored_path(job.model),
+        "model": f"{job.hub.repo}@{job.hub.commit}" if job.hub else  # a Hub name, pinned to the commit used
+        None if job.preset.name == "tiny" and job.model == Path("models") else _stored_path(job.model),
         "prompt": prompt,
         "negative_prompt": job.negative_prompt,
         "seed": seed,
@@ -423,7 +481,10 @@ def _max_pixels(preset: Preset) -> int:
 
 
 def _preset_from_checkpoint(model: Path) -> Preset:
-    """The preset a checkpoint implies, read from its tensor shapes (never from its file name)."""
+    """The preset a checkpoint implies, read from its tensor shapes (never from its file name); for a Hub name, the
+    preset of a released repository or of the one official checkpoint the repository holds."""
+    if (name := hub.parse_hub_name(model)) is not None:
+        return hub.preset_of(*name)
     if not model.exists():
         raise FastSD35Error(f"no --preset given and {model} does not exist to read one from: pass --preset "
                             f"({', '.join(PRESETS)}) and --model")

@@ -278,9 +278,11 @@ def _clip_forward(model, ids: torch.Tensor, eos: int) -> tuple[torch.Tensor, tor
 
 
 def _official_files(folder: Path, name: str) -> list[Path]:
-    files = [folder / f for f in OFFICIAL_FILES[name]]
-    if name == "t5xxl":
-        files += [p for p in sorted(folder.glob("t5xxl*.safetensors")) if p not in files]
+    files = []
+    for where in (folder, folder / "text_encoders"):  # the official Hub repositories keep them in text_encoders/
+        files += [where / f for f in OFFICIAL_FILES[name]]
+        if name == "t5xxl":
+            files += [p for p in sorted(where.glob("t5xxl*.safetensors")) if p not in files]
     return [p for p in files if p.is_file()]
 
 
@@ -322,7 +324,7 @@ def find_text_encoder_weights(model_path, names: Sequence[str] = ENCODERS) -> tu
             missing.append(name)
     if missing:
         what = " and ".join(f"{LABELS[n]} ({' or '.join(OFFICIAL_FILES[n])})" for n in missing)
-        looked = (f"looked in {folder} for those files, for {'/, '.join(DIFFUSERS_FOLDERS[n] for n in missing)}/ "
+        looked = (f"looked in {folder} and its text_encoders/ for those files, for {'/, '.join(DIFFUSERS_FOLDERS[n] for n in missing)}/ "
                   f"and for 'text_encoders.<name>.transformer.*' keys in its .safetensors files")
         hint = "; or pass --no-t5 to run without T5 (weaker prompt following)" if missing == ["t5xxl"] else ""
         raise CheckpointError(f"text encoder weights not found: {what}; {looked}{hint}")

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from . import tiny
+from . import hub, memory, tiny
 from .checkpoints import default_device, default_dtype, find_model_files, load_transformer, transformer_config
 from .conditioning import TextEncoders, load_text_encoders
 from .controlnet import ControlNet, check_compatible, control_latent, load_controlnet
@@ -19,7 +19,7 @@ from .errors import CheckpointError, FastSD35Error
 from .graphs import CUDAGraphPasses
 from .inputs import MAX_BATCH, check, check_device, check_image, check_prompts
 from .model import FastMMDiTX, MMDiTX
-from .presets import Preset, Settings, get_preset
+from .presets import PRESETS, Preset, Settings, get_preset
 from .quantization import is_fp8, quantize_
 from .sampling import CFGDenoiser, get_sigmas, img2img_sigmas, initial_latent, make_noise, model_timestep, sample
 from .vae import SDVAE, image_to_tensor, load_vae, process_in, process_out, tensor_to_images
@@ -99,7 +99,7 @@ class Pipeline:
     def from_pretrained(
         cls,
         model: str | Path,
-        preset: Preset | str,
+        preset: Preset | str | None = None,
         *,
         dtype: torch.dtype | str | None = None,
         device=None,
@@ -111,7 +111,10 @@ class Pipeline:
         controlnet: str | Path | None = None,
         control_type: str | None = None,
     ) -> "Pipeline":
-        """Load from an official single file, a folder laid out as the official release, or a diffusers folder.
+        """Load from an official single file, a folder laid out as the official release, a diffusers folder, or a
+        Hugging Face Hub repository `"ORG/NAME[@REVISION]"` (downloaded into the Hugging Face cache; a local path of
+        that name wins; `preset` may then be left out for the released repositories). Before anything is downloaded
+        or loaded, a GPU that is short of memory for the weights is a FastSD35Error saying what would fit.
         `fast` runs the transformer on the Triton kernels (FastMMDiTX); `graphs` replays its passes from CUDA graphs
         (default: on CUDA). Text encoders go on the GPU when they fit beside the transformer
         (`text_encoder_device="auto"`), else on the CPU. `controlnet`: an SD3.5 ControlNet file or diffusers folder
@@ -123,6 +126,16 @@ class Pipeline:
         device, dtype = check_load_options(device, dtype, t5, t5_tokens)
         if text_encoder_device != "auto":
             check_device(text_encoder_device, "text_encoder_device")
+        name = hub.parse_hub_name(model)
+        plan = hub.plan(*name, preset, t5=t5, dtype=memory.dtype_name(dtype)) if name else None
+        preset = plan.preset if plan else preset
+        if preset is None:
+            raise FastSD35Error(f"{model}: name the preset ({', '.join(PRESETS)}) for a local model")
+        if preset.variant in memory.LABELS:  # the weights, at the smallest size: generate's size is not known yet
+            need = memory.Request(preset.variant, memory.dtype_name(dtype), 256, 256, guided=False, t5=t5,
+                                  t5_tokens=t5_tokens, text_encoder_device=text_encoder_device)
+            memory.preflight(need, device)
+        model = hub.download(plan) if plan else model
         files = find_model_files(model, preset)
         variant = transformer_config(files.transformer).variant  # checked from the header, before loading
         if preset.variant != "custom" and variant != preset.variant:
