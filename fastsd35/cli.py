@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--seed", type=int, help="seed of the first image (default 23); image i of a prompt uses seed+i")
     what.add_argument("--batch-size", type=int, default=1, help="images per prompt, sampled together (default 1)")
     what.add_argument("--from-png", type=Path, help="reproduce an image from the settings stored in its metadata")
+    what.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                      help="fuse a LoRA (.safetensors, diffusers or kohya layout) into the transformer at load, with "
+                           "SCALE (default 1.0); repeat for several")
     how = run.add_argument_group("sampling (defaults from the preset)")
     how.add_argument("--width", type=int)
     how.add_argument("--height", type=int)
@@ -123,6 +126,7 @@ class Job:
     t5: bool
     t5_tokens: int
     control: Control | None
+    loras: tuple[tuple[Path, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,8 @@ def run_command(args) -> int:
     job = plan(args)
     with output_folder(args.out) as out:
         pipe = load(job, args)
+        for path, scale in job.loras:  # fused once, into the weights as loaded
+            pipe.load_lora(path, scale)
         timings, written = dict(pipe.timings), []
         control = None
         if job.control:  # one control latent for the whole run
@@ -181,6 +187,7 @@ def plan(args) -> Job:
         raise FastSD35Error("--denoise needs --init-image (it sets how much of the init image is repainted)")
     init_image = _open_image(args.init_image, "init image") if args.init_image else None
     control = _control(args)
+    loras = tuple(_lora(text) for text in args.lora or ())
     if control:
         if preset.name != "tiny" and preset.variant != "sd3.5_large":
             raise FastSD35Error(f"the SD3.5 ControlNets are made for SD3.5 Large: use --preset large or large_turbo, not {preset.name}")
@@ -195,7 +202,17 @@ def plan(args) -> Job:
         seed=23 if args.seed is None else args.seed, batch_size=args.batch_size, settings=settings,
         init_image=init_image, init_image_path=args.init_image, device=_device(args.device),
         dtype=DTYPES[args.dtype] if args.dtype else None, t5=not args.no_t5, t5_tokens=t5_tokens, control=control,
+        loras=loras,
     )
+
+
+def _lora(text: str) -> tuple[Path, float]:
+    """A --lora FILE[:SCALE], with the file's keys checked (it is read whole only when the model is loaded)."""
+    from .lora import lora_layers, parse_lora_arg
+
+    path, scale = parse_lora_arg(text)
+    lora_layers(path)
+    return path, scale
 
 
 def _control(args) -> Control | None:
@@ -266,6 +283,7 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
         "t5_tokens": job.t5_tokens,
         "no_t5": not job.t5,
         "controlnet": control,
+        "loras": [{"file": file, "scale": scale} for file, scale in pipe.loras],
         "backend": kernels.backend(pipe.device),
     }
 
@@ -283,6 +301,8 @@ def _fill_from_record(args, record: dict):
     if args.slg is None:
         slg = record.get("slg")
         args.slg = SLGConfig(**{**slg, "layers": tuple(slg["layers"])}) if slg else False
+    if args.lora is None and record.get("loras"):
+        args.lora = [f"{lora['file']}:{lora['scale']!r}" for lora in record["loras"]]
     control = record.get("controlnet")
     if control and args.controlnet is None:
         args.controlnet, args.control_type = Path(control["controlnet"]), control["control_type"]

@@ -89,6 +89,17 @@ class Pipeline:
         if on_cuda and graphs is not False:
             self.model_pass = CUDAGraphPasses(self.model_pass, transformer.device)
         self.timings: dict[str, float] = {}
+        self.loras: list[tuple[str, float]] = []  # (file, scale) fused into the transformer, in order
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> "Pipeline":
+        """Fuse a LoRA file (diffusers/PEFT or kohya/ComfyUI layout) into the transformer's weights: once, no cost
+        per step. A bad file raises FastSD35Error and leaves the weights unchanged. The fusion works on the weights as
+        loaded (full precision): a quantized (FP8) transformer must get its LoRAs before quantizing."""
+        from .lora import fuse_lora
+
+        fuse_lora(self.transformer, path, scale)
+        self.loras.append((str(path), float(scale)))
+        return self
 
     # -- construction ------------------------------------------------------------------------------------------
 
