@@ -301,8 +301,12 @@ def _fill_from_record(args, record: dict):
     if args.slg is None:
         slg = record.get("slg")
         args.slg = SLGConfig(**{**slg, "layers": tuple(slg["layers"])}) if slg else False
-    if args.lora is None and record.get("loras"):
-        args.lora = [f"{lora['file']}:{lora['scale']!r}" for lora in record["loras"]]
+    loras = record.get("loras")
+    if args.lora is None and loras:
+        if not (isinstance(loras, list) and all(isinstance(x, dict) and isinstance(x.get("file"), str)
+                                                and isinstance(x.get("scale"), (int, float)) for x in loras)):
+            raise FastSD35Error("the PNG's record has a malformed 'loras' entry (expected a list of {file, scale})")
+        args.lora = [f"{lora['file']}:{float(lora['scale'])!r}" for lora in loras]
     control = record.get("controlnet")
     if control and args.controlnet is None:
         args.controlnet, args.control_type = Path(control["controlnet"]), control["control_type"]

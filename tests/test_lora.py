@@ -13,7 +13,7 @@ from conftest import TINY_CONFIGS
 from PIL import Image
 from safetensors.torch import save_file
 from test_cli import FAST, fails, run
-from test_model import make_diffusers, make_model
+from test_model import inputs, make_diffusers, make_model
 from test_runner import SMALL, diffusers_pipeline, pixels
 
 import fastsd35.runner
@@ -286,3 +286,49 @@ def test_cli_records_the_lora_and_from_png_honours_it(tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(again)), pixels)
     with Image.open(again) as image:
         assert json.loads(image.info[METADATA_KEY])["loras"] == record["loras"]
+
+
+def test_loras_and_an_accelerated_diffusers_pipeline(tmp_path):
+    """accelerate refuses unfused diffusers LoRA layers; after fuse_lora + unload_lora_weights it runs the fused
+    weights, and fuse_lora on the accelerated transformer's model gives the same."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from fastsd35.diffusers import accelerate
+
+    config = TINY_CONFIGS["sd35_medium"]
+    model = make_model(config)
+
+    def pipeline():
+        none = dict.fromkeys(["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                              "tokenizer_3"])  # fmt: skip
+        return StableDiffusion3Pipeline(transformer=make_diffusers(model), scheduler=FlowMatchEulerDiscreteScheduler(),
+                                        **none)  # fmt: skip
+
+    path = tmp_path / "lora.safetensors"
+    pipe = pipeline()
+    write_diffusers_lora(path, pipe.transformer)
+    pipe.load_lora_weights(str(path))
+    with pytest.raises(ValueError, match=r"has diffusers LoRA layers .* run pipe.fuse_lora\(\) and pipe.unload_lora"):
+        accelerate(pipe)
+    pipe.fuse_lora(lora_scale=0.8)
+    pipe.unload_lora_weights()
+    x, t, y, ctx = inputs(config)
+    with torch.no_grad():
+        expected = pipe.transformer(x, ctx, y, t).sample
+        plain = pipeline().transformer(x, ctx, y, t).sample
+        assert (expected - plain).abs().max() > 1e-2  # the LoRA matters
+        torch.testing.assert_close(accelerate(pipe).transformer(x, ctx, y, t).sample, expected, atol=1e-4, rtol=0)
+        fast = accelerate(pipeline()).transformer
+        fuse_lora(fast.model, path, 0.8)
+        torch.testing.assert_close(fast(x, ctx, y, t).sample, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("loras", ["style.safetensors", [{"file": 3, "scale": 1}], [{"file": "a", "scale": "1"}]])
+def test_malformed_lora_record(tmp_path, capsys, loras):
+    from fastsd35.outputs import png_bytes
+
+    png = tmp_path / "crafted.png"
+    png.write_bytes(png_bytes(Image.new("RGB", (8, 8)), {"prompt": "x", "preset": "tiny", "steps": 2, "sampler": "euler",
+                                                          "cfg": 1.0, "seed": 1, "width": 64, "height": 48,
+                                                          "shift": 3.0, "loras": loras}))  # fmt: skip
+    fails(capsys, "malformed 'loras' entry", "--from-png", png, "--out", tmp_path / "o", out=tmp_path)
