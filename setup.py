@@ -24,5 +24,6 @@ setup(
     entry_points={"console_scripts": ["fastsd35=fastsd35.cli:main"]},
     extras_require={
         "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "diffusers>=0.31", "peft>=0.13"],
+        "dev": ["pytest-cov>=5.0"],  # tools/mutation.py
     },
 )
