@@ -147,8 +147,6 @@ def run_command(args) -> int:
     job = plan(args)
     with output_folder(args.out) as out:
         pipe = load(job, args)
-        for path, scale in job.loras:  # fused once, into the weights as loaded
-            pipe.load_lora(path, scale)
         timings, written = dict(pipe.timings), []
         control = None
         if job.control:  # one control latent for the whole run
@@ -249,7 +247,7 @@ def load(job: Job, args):
 
     common = dict(dtype=job.dtype, device=job.device, t5=job.t5, t5_tokens=job.t5_tokens,
                   graphs=False if args.no_graphs else None, controlnet=job.control and job.control.controlnet,
-                  control_type=job.control and job.control.control_type)  # fmt: skip
+                  control_type=job.control and job.control.control_type, loras=job.loras)  # fmt: skip
     if job.preset.name == "tiny" and args.model is None:
         return Pipeline.from_preset("tiny", **common)
     return Pipeline.from_pretrained(job.model, job.preset, text_encoder_device=args.text_encoder_device, **common)

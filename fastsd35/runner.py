@@ -95,9 +95,7 @@ class Pipeline:
         """Fuse a LoRA file (diffusers/PEFT or kohya/ComfyUI layout) into the transformer's weights: once, no cost
         per step. A bad file raises FastSD35Error and leaves the weights unchanged. The fusion works on the weights as
         loaded (full precision): a quantized (FP8) transformer must get its LoRAs before quantizing."""
-        from .lora import fuse_lora
-
-        fuse_lora(self.transformer, path, scale)
+        _fuse_loras(self.transformer, [(path, scale)])
         self.loras.append((str(path), float(scale)))
         return self
 
@@ -118,12 +116,14 @@ class Pipeline:
         graphs: bool | None = None,
         controlnet: str | Path | None = None,
         control_type: str | None = None,
+        loras: Sequence[tuple[str | Path, float]] = (),
     ) -> "Pipeline":
         """Load from an official single file, a folder laid out as the official release, or a diffusers folder.
         `fast` runs the transformer on the Triton kernels (FastMMDiTX); `graphs` replays its passes from CUDA graphs
         (default: on CUDA). Text encoders go on the GPU when they fit beside the transformer
         (`text_encoder_device="auto"`), else on the CPU. `controlnet`: an SD3.5 ControlNet file or diffusers folder
-        (`control_type` names its kind when the files do not)."""
+        (`control_type` names its kind when the files do not). `loras`: (file, scale) pairs fused into the transformer
+        as it is loaded (see `load_lora`)."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
@@ -137,6 +137,7 @@ class Pipeline:
         timings = {}
         with _stage("load", timings, device):
             transformer = load_transformer(files.transformer, dtype=dtype, device=device, model_cls=FastMMDiTX if fast else MMDiTX)
+            _fuse_loras(transformer, loras)
             cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type, dtype=dtype, device=device)
             if cn is not None:
                 check_compatible(cn, transformer)
@@ -148,12 +149,13 @@ class Pipeline:
             )
         pipe = cls(transformer, vae, text, preset, controlnet=cn, graphs=graphs)
         pipe.timings.update(timings)
+        pipe.loras = [(str(path), float(scale)) for path, scale in loras]
         return pipe
 
     @classmethod
     def from_preset(cls, name: str = "tiny", *, device=None, dtype=None, seed: int = 0, t5: bool = True,
                     t5_tokens: int = 256, graphs: bool | None = None, controlnet: str | Path | None = None,
-                    control_type: str | None = None) -> "Pipeline":
+                    control_type: str | None = None, loras: Sequence[tuple[str | Path, float]] = ()) -> "Pipeline":
         """A pipeline whose components are built in code: only `tiny` (random weights, seconds on a CPU), optionally
         with a ControlNet file made for it (`tiny.write_tiny_controlnet`)."""
         if name != "tiny":
@@ -163,9 +165,11 @@ class Pipeline:
         with _stage("load", timings, device):
             dtype = dtype or default_dtype(device)
             transformer, vae, text = tiny.tiny_components(seed, device=device, dtype=dtype, t5=t5, t5_tokens=t5_tokens)
+            _fuse_loras(transformer, loras)
             cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type, dtype=dtype, device=device)
         pipe = cls(transformer, vae, text, "tiny", controlnet=cn, graphs=graphs)
         pipe.timings.update(timings)
+        pipe.loras = [(str(path), float(scale)) for path, scale in loras]
         return pipe
 
     @property
@@ -277,6 +281,15 @@ class Pipeline:
         pixels = image_to_tensor(image, width, height).to(self.device, self.vae.dtype)
         generator = torch.Generator("cpu").manual_seed(seed + (1 << 32))
         return process_in(self.vae.encode(pixels, generator).float().cpu())
+
+
+def _fuse_loras(transformer: MMDiTX, loras):
+    """LoRAs go into the weights right after loading, at full precision: anything that quantizes the transformer (FP8)
+    must come after this."""
+    from .lora import fuse_lora
+
+    for path, scale in loras:
+        fuse_lora(transformer, path, scale)
 
 
 @contextmanager
