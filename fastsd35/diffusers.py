@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -137,10 +138,12 @@ class FastSD3Transformer(nn.Module):
             raise ValueError(f"skip_layers {bad} are not blocks of this {self.model.depth}-block transformer")
         states = list(block_controlnet_hidden_states or ())
         inputs = [hidden_states, encoder_hidden_states, pooled_projections, t, *states]
-        if self.graphs:
-            out = self._replay(inputs, len(states), skip)
-        else:
-            out = self._run(inputs, len(states), skip)
+        device = self.device  # Triton launches on the current CUDA device: make it the model's
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            if self.graphs:
+                out = self._replay(inputs, len(states), skip)
+            else:
+                out = self._run(inputs, len(states), skip)
         if not return_dict:
             return (out,)
         return _diffusers().models.modeling_outputs.Transformer2DModelOutput(sample=out)
