@@ -24,7 +24,7 @@ setup(
     ],
     entry_points={"console_scripts": ["fastsd35=fastsd35.cli:main"]},
     extras_require={
-        "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "diffusers>=0.31"],
+        "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "diffusers>=0.31", "peft>=0.13"],
         "dev": ["pytest-cov>=5.0"],  # tools/mutation.py
     },
 )

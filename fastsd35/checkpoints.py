@@ -15,6 +15,7 @@ import re
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -218,15 +219,37 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b, a])
 
 
-class DiffusersTransformerSource:
-    """A diffusers `SD3Transformer2DModel` folder seen through the official key layout: q/k/v are concatenated into
-    qkv and the (scale, shift) halves of the last context block and the final layer are swapped to (shift, scale)."""
+class StateDictSource:
+    """An in-memory state dict seen as a TensorSource (`shapes`, `get`, `label`, `close`)."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.label = str(folder)
-        self.raw = TensorSource(diffusers_weight_headers(folder), label=str(folder))
-        raw_shapes = self.raw._shapes
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], label: str = "state dict"):
+        self.state_dict, self.label = state_dict, label
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.state_dict.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.state_dict[key]
+
+    def close(self):
+        pass
+
+
+class DiffusersTransformerSource:
+    """A diffusers `SD3Transformer2DModel`'s tensors seen through the official key layout: q/k/v are concatenated into
+    qkv and the (scale, shift) halves of the last context block and the final layer are swapped to (shift, scale).
+
+    `raw` holds the diffusers-named tensors: a TensorSource over a diffusers folder (`from_folder`), a
+    `StateDictSource` over a module's state dict (`from_state_dict`), or anything with `shapes`, `get` and `close`.
+    `recipes` says which diffusers tensors make each official one; `unmapped` lists the diffusers keys that are not
+    part of an SD3/SD3.5 transformer."""
+
+    def __init__(self, raw, label: str | None = None):
+        self.raw = raw
+        self.label = label or raw.label
+        raw_shapes = raw.shapes
+        self.raw_shapes = raw_shapes
         blocks = [int(m.group(1)) for k in raw_shapes if (m := re.match(r"transformer_blocks\.(\d+)\.", k))]
         last = max(blocks, default=-1)
         self.recipes: dict[str, list] = {}  # official key -> [(diffusers key, qkv part or None, swap)]
@@ -240,6 +263,24 @@ class DiffusersTransformerSource:
             self.recipes.setdefault(target, []).append((key, part, swap))
         for parts in self.recipes.values():
             parts.sort(key=lambda r: -1 if r[1] is None else r[1])
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "DiffusersTransformerSource":
+        return cls(TensorSource(diffusers_weight_headers(folder), label=str(folder)), label=str(folder))
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], label: str = "state dict") -> "DiffusersTransformerSource":
+        """Over an in-memory diffusers state dict (e.g. `SD3Transformer2DModel.state_dict()`): no tensor is copied
+        except where the layout needs it (qkv concatenation, swapped halves)."""
+        return cls(StateDictSource(state_dict, label), label=label)
+
+    def check_mapped(self):
+        """CheckpointError unless every diffusers key belongs to an SD3/SD3.5 transformer."""
+        if self.unmapped:
+            raise CheckpointError(
+                f"{self.label}: unexpected diffusers keys {', '.join(self.unmapped[:4])}"
+                f"{' ...' if len(self.unmapped) > 4 else ''}: not an SD3/SD3.5 transformer"
+            )
 
     @staticmethod
     def _map(key: str, last: int):
@@ -260,8 +301,8 @@ class DiffusersTransformerSource:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {}
         for target, parts in self.recipes.items():
-            first = self.raw._shapes[parts[0][0]]
-            rows = sum(self.raw._shapes[k][0] for k, _, _ in parts)
+            first = self.raw_shapes[parts[0][0]]
+            rows = sum(self.raw_shapes[k][0] for k, _, _ in parts)
             shapes[target] = (rows, *first[1:])
         return shapes
 
@@ -333,7 +374,7 @@ def open_transformer(path) -> TensorSource | DiffusersTransformerSource:
     other prefixes ignored), a bare transformer state dict file, a diffusers model folder or its `transformer/`."""
     path = Path(path)
     if path.is_dir():
-        return DiffusersTransformerSource(diffusers_component_folder(path, "transformer"))
+        return DiffusersTransformerSource.from_folder(diffusers_component_folder(path, "transformer"))
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder; expected an SD3/SD3.5 .safetensors checkpoint or a diffusers folder")
     keys = safetensors_header(path)
@@ -410,11 +451,8 @@ def load_transformer(path, *, dtype=None, device=None, model_cls: type[MMDiTX] =
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     with open_transformer(path) as source:
-        if isinstance(source, DiffusersTransformerSource) and source.unmapped:
-            raise CheckpointError(
-                f"{source.label}: unexpected diffusers keys {', '.join(source.unmapped[:4])}"
-                f"{' ...' if len(source.unmapped) > 4 else ''}: not an SD3/SD3.5 transformer"
-            )
+        if isinstance(source, DiffusersTransformerSource):
+            source.check_mapped()
         config = _config_from_shapes(source)
         return load_module(model_cls, config, source, dtype=dtype, device=device)
 
@@ -422,6 +460,7 @@ def load_transformer(path, *, dtype=None, device=None, model_cls: type[MMDiTX] =
 __all__ = [
     "TRANSFORMER_PREFIX",
     "DiffusersTransformerSource",
+    "StateDictSource",
     "ModelFiles",
     "find_model_files",
     "TensorSource",

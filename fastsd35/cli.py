@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--seed", type=int, help="seed of the first image (default 23); image i of a prompt uses seed+i")
     what.add_argument("--batch-size", type=int, default=1, help="images per prompt, sampled together (default 1)")
     what.add_argument("--from-png", type=Path, help="reproduce an image from the settings stored in its metadata")
+    what.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                      help="fuse a LoRA (.safetensors, diffusers or kohya layout) into the transformer at load, with "
+                           "SCALE (default 1.0); repeat for several")
     how = run.add_argument_group("sampling (defaults from the preset)")
     how.add_argument("--width", type=int)
     how.add_argument("--height", type=int)
@@ -181,6 +184,7 @@ class Job:
     control: Control | None
     hub: hub.HubPlan | None = None  # a Hub name's files (downloaded by `load`)
     memory: memory.Request | None = None  # what the GPU memory preflight checks (released models)
+    loras: tuple[tuple[Path, float], ...] = ()
     cfg_parallel: bool = False  # cond and uncond as two passes (on two ranks under torchrun)
 
 
@@ -302,6 +306,7 @@ def plan(args) -> Job:
         check_device(args.text_encoder_device, "--text-encoder-device")
     init_image, init_sha = _image(args.init_image, "init image", getattr(args, "init_image_sha256", None), "--init-image")
     control = _control(args)
+    loras = tuple(_lora(text) for text in args.lora or ())
     if control:
         if preset.name != "tiny" and preset.variant != "sd3.5_large":
             raise FastSD35Error(f"the SD3.5 ControlNets are made for SD3.5 Large: use --preset large or large_turbo, not {preset.name}")
@@ -326,8 +331,18 @@ def plan(args) -> Job:
         init_image=init_image, init_image_path=args.init_image, init_image_sha256=init_sha, device=device,
         dtype=DTYPES[args.dtype] if args.dtype else None, t5=not args.no_t5, t5_tokens=t5_tokens, control=control,
         hub=hub.plan(*hub_name, preset, t5=not args.no_t5, dtype=args.dtype) if hub_name else None, memory=need,
+        loras=loras,
         cfg_parallel=bool(args.cfg_parallel),
     )
+
+
+def _lora(text: str) -> tuple[Path, float]:
+    """A --lora FILE[:SCALE], with the file's keys checked (it is read whole only when the model is loaded)."""
+    from .lora import lora_layers, parse_lora_arg
+
+    path, scale = parse_lora_arg(text)
+    lora_layers(path)
+    return path, scale
 
 
 def _control(args) -> Control | None:
@@ -364,7 +379,7 @@ def load(job: Job, args):
 
     common = dict(dtype=job.dtype, device=job.device, t5=job.t5, t5_tokens=job.t5_tokens,
                   graphs=False if args.no_graphs else None, controlnet=job.control and job.control.controlnet,
-                  control_type=job.control and job.control.control_type)  # fmt: skip
+                  control_type=job.control and job.control.control_type, loras=job.loras)  # fmt: skip
     if job.preset.name == "tiny" and args.model is None:
         return Pipeline.from_preset("tiny", **common)
     model = hub.download(job.hub) if job.hub else job.model
@@ -401,6 +416,7 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
         "t5_tokens": job.t5_tokens,
         "no_t5": not job.t5,
         "controlnet": control,
+        "loras": [{"file": _stored_path(file), "scale": scale} for file, scale in pipe.loras],
         "backend": kernels.backend(pipe.device),
         "cfg_parallel": job.cfg_parallel,
     }
@@ -428,6 +444,9 @@ def _fill_from_record(args, record: dict):
     if args.slg is None:
         slg = record.get("slg")
         args.slg = SLGConfig(**{**slg, "layers": tuple(slg["layers"])}) if slg else False
+    loras = record.get("loras")
+    if args.lora is None and loras:  # checked by records.check_record: a list of {file, scale}
+        args.lora = [f"{lora['file']}:{float(lora['scale'])!r}" for lora in loras]
     if args.cfg_parallel is None:
         args.cfg_parallel = record.get("cfg_parallel", False)
     control = record.get("controlnet")

@@ -183,7 +183,7 @@ def fingerprint(job) -> str:
     """A digest of everything that decides the images of a `cli.Job` (not the device): equal on every rank."""
     digest = hashlib.sha256(repr((job.preset, str(job.model), job.prompts, job.negative_prompt, job.seed,
                                   job.batch_size, job.settings, job.dtype, job.t5, job.t5_tokens, job.cfg_parallel,
-                                  job.control and (job.control.strength, job.control.preprocess))).encode())
+                                  job.loras, job.control and (job.control.strength, job.control.preprocess))).encode())
     for image in (job.init_image, job.control and job.control.image):
         if image is not None:
             digest.update(image.tobytes())

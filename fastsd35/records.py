@@ -71,6 +71,23 @@ _CONTROL = _object(
     required=("controlnet", "control_image", "strength"),
 )  # fmt: skip
 
+def _finite(value, label):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+        raise FastSD35Error(f"{label} must be a finite number, got {value!r}")
+    return value
+
+
+_LORA = _object({"file": _string, "scale": _finite}, required=("file", "scale"))
+
+
+def _loras(value, label):
+    if not isinstance(value, list):
+        raise FastSD35Error(f"{label} must be a list of {{file, scale}} objects, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        _LORA(item, f"{label}[{i}]")
+    return value
+
+
 # Every key a record may hold, with the check of its value (None always means "not set").
 RECORD_KEYS: dict[str, Callable[[Any, str], Any]] = {
     **{name: _field(name) for name in ("preset", "model", "prompt", "negative_prompt", "seed", "steps", "cfg", "shift",
@@ -82,6 +99,7 @@ RECORD_KEYS: dict[str, Callable[[Any, str], Any]] = {
     "init_image": _string,
     "init_image_sha256": _digest,
     "controlnet": _CONTROL,
+    "loras": _loras,
 }
 
 

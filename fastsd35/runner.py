@@ -20,7 +20,7 @@ from .graphs import CUDAGraphPasses
 from .inputs import MAX_BATCH, check, check_device, check_image, check_prompts
 from .model import FastMMDiTX, MMDiTX
 from .presets import PRESETS, Preset, Settings, get_preset
-from .quantization import is_fp8, quantize_
+from .quantization import is_fp8, is_quantized, quantize_
 from .sampling import CFGDenoiser, get_sigmas, img2img_sigmas, initial_latent, make_noise, model_timestep, sample
 from .vae import SDVAE, image_to_tensor, load_vae, process_in, process_out, tensor_to_images
 
@@ -92,6 +92,18 @@ class Pipeline:
         if on_cuda and graphs is not False:
             self.model_pass = CUDAGraphPasses(self.model_pass, transformer.device)
         self.timings: dict[str, float] = {}
+        self.loras: list[tuple[str, float]] = []  # (file, scale) fused into the transformer, in order
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> "Pipeline":
+        """Fuse a LoRA file (diffusers/PEFT or kohya/ComfyUI layout) into the transformer's weights: once, no cost
+        per step. A bad file raises FastSD35Error and leaves the weights unchanged. The fusion works on the weights as
+        loaded (full precision): a quantized (FP8) transformer must get its LoRAs before quantizing."""
+        if is_quantized(self.transformer):
+            raise FastSD35Error("a LoRA cannot be fused into FP8 weights: pass it when loading "
+                                "(Pipeline.from_pretrained(..., loras=[(path, scale)]) or fastsd35 run --lora)")
+        _fuse_loras(self.transformer, [(path, scale)])
+        self.loras.append((str(path), float(scale)))
+        return self
 
     # -- construction ------------------------------------------------------------------------------------------
 
@@ -110,6 +122,7 @@ class Pipeline:
         graphs: bool | None = None,
         controlnet: str | Path | None = None,
         control_type: str | None = None,
+        loras: Sequence[tuple[str | Path, float]] = (),
     ) -> "Pipeline":
         """Load from an official single file, a folder laid out as the official release, a diffusers folder, or a
         Hugging Face Hub repository `"ORG/NAME[@REVISION]"` (downloaded into the Hugging Face cache; a local path of
@@ -119,7 +132,8 @@ class Pipeline:
         (default: on CUDA). Text encoders go on the GPU when they fit beside the transformer
         (`text_encoder_device="auto"`), else on the CPU. `controlnet`: an SD3.5 ControlNet file or diffusers folder
         (`control_type` names its kind when the files do not). `dtype="fp8"`: the transformer's (and ControlNet's)
-        block Linears in FP8 (fastsd35.quantization), everything else in the device's default dtype."""
+        block Linears in FP8 (fastsd35.quantization), everything else in the device's default dtype. `loras`: (file,
+        scale) pairs fused into the transformer as it is loaded (see `load_lora`), before any FP8 quantization."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
         if not isinstance(model, (str, Path)):
             raise FastSD35Error(f"model must be a path (str or Path), got {type(model).__name__}")
@@ -145,7 +159,14 @@ class Pipeline:
             )
         timings = {}
         with _stage("load", timings, device):
-            transformer = load_transformer(files.transformer, dtype=dtype, device=device, model_cls=FastMMDiTX if fast else MMDiTX)
+            # LoRAs fuse into full-precision weights: with them, FP8 is quantized after fusing (the full-precision
+            # transformer is held once while loading); without them, FP8 files and quantization stream tensor by tensor.
+            fuse_first = bool(loras) and is_fp8(dtype)
+            transformer = load_transformer(files.transformer, dtype=default_dtype(device) if fuse_first else dtype,
+                                           device=device, model_cls=FastMMDiTX if fast else MMDiTX)
+            _fuse_loras(transformer, loras)
+            if fuse_first:
+                quantize_(transformer)
             cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type, dtype=dtype, device=device)
             if cn is not None:
                 check_compatible(cn, transformer)
@@ -157,12 +178,13 @@ class Pipeline:
             )
         pipe = cls(transformer, vae, text, preset, controlnet=cn, graphs=graphs)
         pipe.timings.update(timings)
+        pipe.loras = [(str(path), float(scale)) for path, scale in loras]
         return pipe
 
     @classmethod
     def from_preset(cls, name: str = "tiny", *, device=None, dtype=None, seed: int = 0, t5: bool = True,
                     t5_tokens: int = 256, graphs: bool | None = None, controlnet: str | Path | None = None,
-                    control_type: str | None = None) -> "Pipeline":
+                    control_type: str | None = None, loras: Sequence[tuple[str | Path, float]] = ()) -> "Pipeline":
         """A pipeline whose components are built in code: only `tiny` (random weights, seconds on a CPU), optionally
         with a ControlNet file made for it (`tiny.write_tiny_controlnet`)."""
         if name != "tiny":
@@ -172,12 +194,14 @@ class Pipeline:
         with _stage("load", timings, device):
             fp8, dtype = is_fp8(dtype), default_dtype(device) if is_fp8(dtype) else dtype
             transformer, vae, text = tiny.tiny_components(seed, device=device, dtype=dtype, t5=t5, t5_tokens=t5_tokens)
+            _fuse_loras(transformer, loras)  # before quantizing: LoRAs fuse into full-precision weights
             if fp8:
                 quantize_(transformer)
             cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type,
                                                                  dtype="fp8" if fp8 else dtype, device=device)
         pipe = cls(transformer, vae, text, "tiny", controlnet=cn, graphs=graphs)
         pipe.timings.update(timings)
+        pipe.loras = [(str(path), float(scale)) for path, scale in loras]
         return pipe
 
     @property
@@ -307,6 +331,15 @@ class Pipeline:
         pixels = image_to_tensor(image, width, height).to(self.device, self.vae.dtype)
         generator = torch.Generator("cpu").manual_seed(seed + (1 << 32))
         return process_in(self.vae.encode(pixels, generator).float().cpu())
+
+
+def _fuse_loras(transformer: MMDiTX, loras):
+    """LoRAs go into the weights right after loading, at full precision: anything that quantizes the transformer (FP8)
+    must come after this."""
+    from .lora import fuse_lora
+
+    for path, scale in loras:
+        fuse_lora(transformer, path, scale)
 
 
 @contextmanager

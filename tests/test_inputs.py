@@ -170,7 +170,7 @@ GOOD = {"prompt": "a", "preset": "tiny", "steps": 2, "width": 64, "height": 48}
         ({**GOOD, "cfg": "5"}, "the record.cfg must be a finite number >= 0, got '5'"),
         ({**GOOD, "width": 0}, "width 0 is not a multiple of 16"),
         ({**GOOD, "sampler": ""}, "the record.sampler must be one of euler, dpmpp_2m, got ''"),
-        ({**GOOD, "dtype": "fp64"}, "the record.dtype must be one of fp16, bf16, fp32, got 'fp64'"),
+        ({**GOOD, "dtype": "fp64"}, "the record.dtype must be one of fp16, bf16, fp32, fp8, got 'fp64'"),
         ({**GOOD, "prompt": 5}, "the record.prompt must be a string, got 5"),
         ({**GOOD, "lora": [{"file": "x"}]}, "the record has fields this fastsd35 version does not know: lora"),
         ({**GOOD, "slg": {"scale": 1}}, "the record.slg has no start"),
