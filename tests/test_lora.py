@@ -332,3 +332,23 @@ def test_malformed_lora_record(tmp_path, capsys, loras):
                                                           "cfg": 1.0, "seed": 1, "width": 64, "height": 48,
                                                           "shift": 3.0, "loras": loras}))  # fmt: skip
     fails(capsys, "the record.loras", "--from-png", png, "--out", tmp_path / "o", out=tmp_path)
+
+
+def test_fp8_gets_its_loras_before_quantizing(tmp_path):
+    """With dtype="fp8" the LoRA is fused into the full-precision weights, then quantized: the FP8 weights are those
+    of the fused model; and a LoRA cannot be fused into weights that are already FP8."""
+    from fastsd35.quantization import FP8Linear
+
+    plain = Pipeline.from_preset("tiny", device="cpu")
+    path = tmp_path / "k.safetensors"
+    write_kohya_lora(path, plain.transformer, modules=["joint_blocks.0.x_block.mlp.fc1"], rank=4, alpha=4.0)
+    fused = Pipeline.from_preset("tiny", device="cpu", loras=[(path, 1.0)]).transformer
+    fp8 = Pipeline.from_preset("tiny", device="cpu", dtype="fp8", loras=[(path, 1.0)])
+    layer = fp8.transformer.joint_blocks[0].x_block.mlp.fc1
+    assert isinstance(layer, FP8Linear)
+    expected = FP8Linear.from_linear(fused.joint_blocks[0].x_block.mlp.fc1)
+    assert torch.equal(layer.weight.float(), expected.weight.float())
+    unfused = FP8Linear.from_linear(plain.transformer.joint_blocks[0].x_block.mlp.fc1)
+    assert not torch.equal(layer.weight.float(), unfused.weight.float())
+    with pytest.raises(FastSD35Error, match="cannot be fused into FP8 weights"):
+        fp8.load_lora(path)
