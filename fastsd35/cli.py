@@ -12,18 +12,19 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from . import __version__, benchmark, kernels
+from . import __version__, benchmark, distributed, kernels
 from .checkpoints import transformer_config
 from .errors import FastSD35Error
 from .outputs import image_name, output_folder, png_bytes, read_record, write_png
 from .model import CONFIGS
 from .presets import CONTROL_TYPES, PRESETS, Preset, Settings, get_preset
-from .sampling import SAMPLERS, SLGConfig
+from .sampling import SAMPLERS, CFGDenoiser, SLGConfig
 from .tiny import TINY_MMDITX_CONFIG
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = run.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default outputs/)")
     out.add_argument("--overwrite", action="store_true", help="replace existing files instead of writing name-2.png")
+    distributed.add_arguments(run)
     run.set_defaults(handler=run_command)
     bench = commands.add_parser("bench", help="time the kernels, the transformer step and a generation",
                                 description="Time the kernels, the transformer step and a whole generation against "
@@ -123,6 +125,7 @@ class Job:
     t5: bool
     t5_tokens: int
     control: Control | None
+    cfg_parallel: bool = False  # cond and uncond as two passes (on two ranks under torchrun)
 
 
 @dataclass(frozen=True)
@@ -139,22 +142,16 @@ class Control:
 
 
 def run_command(args) -> int:
+    if distributed.launched():  # one rank of a torchrun job
+        return distributed.run_command(args)
     started = time.perf_counter()
     job = plan(args)
     with output_folder(args.out) as out:
         pipe = load(job, args)
         timings, written = dict(pipe.timings), []
-        control = None
-        if job.control:  # one control latent for the whole run
-            control = pipe.encode_control(job.control.image, job.settings.width, job.settings.height, job.seed)
+        control = control_latent(pipe, job)
         for prompt in job.prompts:
-            gen = pipe.generate(
-                prompt, job.negative_prompt, seed=job.seed, batch_size=job.batch_size, init_image=job.init_image,
-                denoise=job.settings.denoise, steps=job.settings.steps, cfg=job.settings.cfg, shift=job.settings.shift,
-                sampler=job.settings.sampler, width=job.settings.width, height=job.settings.height,
-                slg=job.settings.slg or False, control_image=control,
-                control_strength=job.control.strength if job.control else 1.0,
-            )
+            gen = pipe.generate(prompt, **generate_kwargs(job, control))
             for stage, seconds in gen.timings.items():
                 timings[stage] = timings.get(stage, 0.0) + seconds
             for image, seed in zip(gen.images, gen.seeds):
@@ -163,6 +160,25 @@ def run_command(args) -> int:
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
     print(f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.1f} s ({stages})")
     return 0
+
+
+def control_latent(pipe, job: Job):
+    """One control latent for the whole run (None without a ControlNet)."""
+    if job.control is None:
+        return None
+    return pipe.encode_control(job.control.image, job.settings.width, job.settings.height, job.seed)
+
+
+def generate_kwargs(job: Job, control) -> dict:
+    """`Pipeline.generate`'s arguments for every prompt of the job."""
+    s = job.settings
+    return dict(
+        negative_prompt=job.negative_prompt, seed=job.seed, batch_size=job.batch_size, init_image=job.init_image,
+        denoise=s.denoise, steps=s.steps, cfg=s.cfg, shift=s.shift, sampler=s.sampler, width=s.width,
+        height=s.height, slg=s.slg or False, control_image=control,
+        control_strength=job.control.strength if job.control else 1.0,
+        denoiser_cls=partial(CFGDenoiser, split=True) if job.cfg_parallel else CFGDenoiser,
+    )
 
 
 def plan(args) -> Job:
@@ -190,11 +206,15 @@ def plan(args) -> Job:
         slg=args.slg, denoise=(0.8 if args.denoise is None else args.denoise) if init_image else 1.0,
         max_pixels=_max_pixels(preset),
     )
+    if args.cfg_parallel and settings.cfg <= 1:
+        raise FastSD35Error(f"--cfg-parallel splits the cond and uncond passes, but cfg {settings.cfg:g} <= 1 runs "
+                            f"the cond pass only: drop --cfg-parallel (or raise --cfg)")
     return Job(
         preset=preset, model=model, prompts=prompts, negative_prompt=args.negative_prompt or "",
         seed=23 if args.seed is None else args.seed, batch_size=args.batch_size, settings=settings,
         init_image=init_image, init_image_path=args.init_image, device=_device(args.device),
         dtype=DTYPES[args.dtype] if args.dtype else None, t5=not args.no_t5, t5_tokens=t5_tokens, control=control,
+        cfg_parallel=bool(args.cfg_parallel),
     )
 
 
@@ -267,6 +287,7 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
         "no_t5": not job.t5,
         "controlnet": control,
         "backend": kernels.backend(pipe.device),
+        "cfg_parallel": job.cfg_parallel,
     }
 
 
@@ -283,6 +304,8 @@ def _fill_from_record(args, record: dict):
     if args.slg is None:
         slg = record.get("slg")
         args.slg = SLGConfig(**{**slg, "layers": tuple(slg["layers"])}) if slg else False
+    if args.cfg_parallel is None:
+        args.cfg_parallel = record.get("cfg_parallel", False)
     control = record.get("controlnet")
     if control and args.controlnet is None:
         args.controlnet, args.control_type = Path(control["controlnet"]), control["control_type"]

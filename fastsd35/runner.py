@@ -192,11 +192,14 @@ class Pipeline:
         control_image: Image.Image | torch.Tensor | None = None,
         control_strength: float = 1.0,
         progress: bool = True,
+        denoiser_cls=CFGDenoiser,
     ) -> Generation:
         """One batch: a prompt repeated `batch_size` times, or a list of prompts (one image each). Image i uses
         seed + i. Unset settings come from the preset; `slg` is None (preset default), False, True or SLGConfig.
         With a ControlNet, `control_image` (an image, or a latent from `encode_control`) steers every image with
-        `control_strength` (1.0 as the reference)."""
+        `control_strength` (1.0 as the reference). `denoiser_cls` builds the guidance denoiser (CFGDenoiser's
+        signature): `functools.partial(CFGDenoiser, split=True)` runs cond and uncond as two passes, and
+        fastsd35.distributed passes its CFG-parallel pair here."""
         prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if not prompts or len(negatives) != len(prompts):
@@ -236,7 +239,7 @@ class Pipeline:
                 control = (control_image.to(device), torch.tensor(float(control_strength), device=device))
             noise = make_noise(seed, B, (16, s.height // 8, s.width // 8))
             x = initial_latent(sigmas[0], noise, latent).to(device)
-            denoiser = CFGDenoiser(self.model_pass, cond, uncond, s.cfg, s.steps, s.slg, control)
+            denoiser = denoiser_cls(self.model_pass, cond, uncond, s.cfg, s.steps, s.slg, control)
             x = sample(s.sampler, denoiser, x, sigmas, progress)
 
         with _stage("decode", timings, device):

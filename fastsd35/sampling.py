@@ -100,16 +100,19 @@ class CFGDenoiser:
     """denoised(x, sigma, step) with classifier-free guidance and optional skip-layer guidance.
 
     cond and uncond run as one batched pass [cond, uncond]; with cfg <= 1 only the cond pass runs (the reference
-    also runs the uncond half and then weights it by zero at cfg 1). `steps` is the full configured step count
-    (img2img included), against which SLG's start/end are measured; `step` counts denoiser calls from 0. `control`
-    (ControlNet inputs) goes to the guidance passes, not to the skip-layer pass, as in the reference.
+    also runs the uncond half and then weights it by zero at cfg 1). `split=True` runs them as two passes of the
+    batch each instead: the numerics of a CFG-parallel pair (fastsd35.distributed), whose ranks run one pass each;
+    on a CPU a batch of 2B rounds a sample's GEMMs differently from a batch of B (last-bit differences). `steps` is
+    the full configured step count (img2img included), against which SLG's start/end are measured; `step` counts
+    denoiser calls from 0. `control` (ControlNet inputs) goes to the guidance passes, not to the skip-layer pass,
+    as in the reference.
     """
 
     def __init__(self, model: VelocityModel, cond, uncond, cfg: float, steps: int, slg: SLGConfig | None = None,
-                 control=None):
-        self.model, self.cfg, self.steps, self.slg, self.control = model, cfg, steps, slg, control
+                 control=None, split: bool = False):
+        self.model, self.cfg, self.steps, self.slg, self.control, self.split = model, cfg, steps, slg, control, split
         (self.context, self.y), self.uncond = cond, uncond
-        if cfg > 1:
+        if cfg > 1 and not split:
             self.batched_context = torch.cat([cond[0], uncond[0]])
             self.batched_y = torch.cat([cond[1], uncond[1]])
 
@@ -119,14 +122,27 @@ class CFGDenoiser:
         return x - v * s
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
-        if self.cfg > 1:
+        skip = self.slg is not None and self.slg.active(step, self.steps)
+        return self.combine(*self.passes(x, sigma, skip))
+
+    def passes(self, x, sigma, skip: bool):
+        """The denoised outputs of this step's passes: (cond, uncond or None when cfg <= 1, skip-layer or None)."""
+        neg = skipped = None
+        if self.cfg > 1 and not self.split:
             batched = self.denoise(torch.cat([x, x]), sigma, self.batched_context, self.batched_y, control=self.control)
             pos, neg = batched.chunk(2)
-            out = neg + (pos - neg) * self.cfg
         else:
-            out = pos = self.denoise(x, sigma, self.context, self.y, control=self.control)
-        if self.slg is not None and self.slg.active(step, self.steps):
+            pos = self.denoise(x, sigma, self.context, self.y, control=self.control)
+            if self.cfg > 1:
+                neg = self.denoise(x, sigma, *self.uncond, control=self.control)
+        if skip:
             skipped = self.denoise(x, sigma, self.context, self.y, skip_layers=self.slg.layers)
+        return pos, neg, skipped
+
+    def combine(self, pos, neg, skipped):
+        """neg + (pos - neg) * cfg (pos alone when cfg <= 1), plus (pos - skipped) * scale when SLG is active."""
+        out = pos if neg is None else neg + (pos - neg) * self.cfg
+        if skipped is not None:
             out = out + (pos - skipped) * self.slg.scale
         return out
 
