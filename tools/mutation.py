@@ -272,8 +272,13 @@ def tests_by_line(workdir: Path, module: str, tests: list[str], timeout: float) 
     data.read()
     by_line = data.contexts_by_lineno(str(workdir / module))
     data_file.unlink()
-    # contexts are "tests/test_x.py::test_name[param]|run" (or "|setup"/"|teardown"); the empty one is import time
-    return {line: {c.rsplit("|", 1)[0] for c in contexts if c} for line, contexts in by_line.items()}
+    # contexts are "tests/test_x.py::test_name[param]|run" (or "|setup"/"|teardown"); the empty one is import time.
+    # A line run only at import (a module constant, a default argument, a dataclass field) is guarded by every test
+    # that imports the module, not by none: give it the whole list, or its mutants would "survive" untested.
+    out = {}
+    for line, contexts in by_line.items():
+        out[line] = {c.rsplit("|", 1)[0] for c in contexts if c} or set(tests)
+    return out
 
 
 def _covering(by_line: dict[int, set[str]], line: int) -> set[str]:
