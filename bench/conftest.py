@@ -4,12 +4,14 @@ fastsd35/benchmark.py; what is measured: fastsd35/benchmark_cases.py).
 Each test is one contender on one case, and pytest-benchmark groups a case's contenders together. The timing loop is
 pytest-benchmark's own (`benchmark.pedantic`, with the synchronising timer each module sets through
 `pytest.mark.benchmark(timer=...)`), so its table and its --benchmark-json/--benchmark-autosave files hold the
-per-call times. A case's baselines run before its other contenders, so each test's `extra_info` carries its ratios to
-the baselines measured in this run, with its TFLOP/s or GB/s and peak memory. A case's shared inputs are built for its
-first contender and released when the next case starts; each contender builds and frees its own model. At the end
-the whole run is written to bench/results/<device>.json and printed as the table `fastsd35 bench` prints.
+per-call times (for kernels on CUDA: per graph replay, i.e. per `input_sets` calls; the results file divides). Each
+test's `extra_info` carries its ratios to the baselines measured before it in this run (the results file: to all of
+them), with its TFLOP/s or GB/s and peak memory. A case's shared inputs are built for its first contender and
+released when the next case starts; each contender builds and frees its own model. At the end the whole run is
+written to bench/results/<device>.json and printed as the table `fastsd35 bench` prints.
 
-A contender that cannot run here (diffusers not installed, Triton on the CPU, torch.compile failing, out of memory) is
+Each contender's first outputs are checked to be finite and to agree with the case's first contender (a failed test
+otherwise). A contender that cannot run here (diffusers not installed, Triton on the CPU, torch.compile failing, out of memory) is
 a skipped test whose reason is also recorded in the results.
 """
 
@@ -37,7 +39,7 @@ def pytest_addoption(parser):
 
 
 def pytest_generate_tests(metafunc):
-    """One test per (case, contender) of the module's PART, baselines first within each case."""
+    """One test per (case, contender) of the module's PART, in the case's order."""
     if "contender" not in metafunc.fixturenames:
         return
     models = [m.strip() for m in metafunc.config.getoption("--bench-models").split(",") if m.strip()]
@@ -54,18 +56,19 @@ class OpenCase:
     case's tests are consecutive), released when another case starts and at the end."""
 
     def __init__(self):
-        self.key, self.inputs, self.stack = None, None, ExitStack()
+        self.key, self.inputs, self.check, self.stack = None, None, None, ExitStack()
 
     def get(self, case):
+        """(the case's inputs, the check its contenders' outputs share)"""
         if self.key != (case.part, case.id):
             self.close()
             self.inputs = self.stack.enter_context(case.inputs())
-            self.key = (case.part, case.id)
-        return self.inputs
+            self.key, self.check = (case.part, case.id), fb.OutputCheck()
+        return self.inputs, self.check
 
     def close(self):
         self.stack.close()
-        self.key = self.inputs = None
+        self.key = self.inputs = self.check = None
         self.stack = ExitStack()
         gc.collect()
         if torch.cuda.is_available():
@@ -106,12 +109,15 @@ def measure(benchmark, bench_results, open_case, request):
 
     def run(case, contender):
         benchmark.group = f"{case.part} {case.id}"
-        result = fb.run_contender(case, contender, open_case.get(case), device=bench_results.env.device, quick=quick,
-                                  timer=pedantic(benchmark))  # fmt: skip
+        inputs, check = open_case.get(case)
+        result = fb.run_contender(case, contender, inputs, device=bench_results.env.device, quick=quick,
+                                  timer=pedantic(benchmark), check=check)  # fmt: skip
         bench_results.add(case, result)
         record = bench_results.latest(case)
         benchmark.extra_info.update({k: v for k, v in record.items() if k not in ("contender", "baseline")})
         benchmark.extra_info["device"] = bench_results.env.name
+        if result.error:
+            pytest.fail(f"output check: {result.error}", pytrace=False)
         if result.skipped:
             pytest.skip(result.skipped)
 

@@ -4,15 +4,26 @@ keeps the results and reports them.
 
 Timing. A figure is the median of `rounds` samples. A round is `iterations` back-to-back calls between two readings of
 `synchronized_timer` (torch.cuda.synchronize(), when CUDA is in use, then time.perf_counter()); a sample is the round's
-time divided by `iterations`. Before the rounds come one untimed call, then (kernels) two timed calls whose faster one
-sizes `iterations` so that a round lasts at least the schedule's `min_round_s` (the synchronisation, some
-microseconds, is then noise even for a 30 us kernel), then `warmup_rounds`: Triton's compilation and autotuning, CUDA
-graph capture, torch.compile and the allocator's first requests all happen before anything is timed. pytest-benchmark runs exactly this loop:
+time divided by `iterations` (and by the `calls` one call makes, below). The first call is timed on its own and
+reported as `first_ms`: the cold cost (Triton's compilation and autotuning, CUDA graph capture, torch.compile, the
+allocator's first requests) beside the steady state; building the contender is timed apart (`extra.build_ms`: the
+model's allocation, or for a kernel on CUDA its compilation, autotuning and graph capture). Then (kernels) two timed
+calls whose faster one sizes `iterations` so that a round lasts at least the schedule's `min_round_s` (the
+synchronisation, some microseconds, is then noise), then `warmup_rounds`. pytest-benchmark runs exactly this loop:
 `benchmark.pedantic(fn, rounds=, warmup_rounds=, iterations=)` with its timer set to `synchronized_timer` through
-`@pytest.mark.benchmark(timer=...)`, so the statistics pytest-benchmark prints and saves are the per-call times
-themselves; `fastsd35 bench` runs the same loop in `time_rounds`. (CUDA events inside the benchmarked function would
-leave pytest-benchmark timing the measuring loop instead of the call.) Inputs stay the same between calls, so on a GPU
-whatever part of them fits in L2 stays there, for every contender alike.
+`@pytest.mark.benchmark(timer=...)`; `fastsd35 bench` runs the same loop in `time_rounds`. (CUDA events inside the
+benchmarked function would leave pytest-benchmark timing the measuring loop instead of the call.)
+
+Kernels on CUDA are timed from a CUDA graph that runs the op once on each of several copies of its inputs, 4x the L2
+of an H100/H200 in all (`benchmark_cases.ROTATE_BYTES`): one graph replay is `calls` kernel calls, none of which finds
+its inputs in L2, and no Python runs between them. The launchers' Python work (checks, allocation: tens of
+microseconds, as much as the GPU work at these sizes) is what eager mode pays on top; it is reported apart as
+`eager_ms` (the same calls made from Python) and `launch_overhead_us` (eager minus graph, per call). pytest-benchmark's
+own statistics for kernels are per replay, i.e. per `calls` calls; the results file and the table are per call.
+
+Every contender's first outputs are checked (`OutputCheck`): all finite, and in agreement with the first contender
+of the case (a baseline) within a tolerance for their dtype. A failed check is recorded as the result's `error`,
+fails its pytest-benchmark test, and makes `fastsd35 bench` exit 1: a figure for a different computation is no figure.
 
 Each contender is built on entry and freed on exit, one at a time; its peak memory is
 `torch.cuda.max_memory_allocated()` over its calls (weights included), after `reset_peak_memory_stats()`.
@@ -160,6 +171,46 @@ def plan_iterations(fn: Callable[[], object], min_round_s: float, estimates: int
     return max(1, min(MAX_ITERATIONS, math.ceil(min_round_s / max(once, 1e-9))))
 
 
+# -- checking ---------------------------------------------------------------------------------------------------
+
+# Largest relative error ||a - b|| / ||b|| between contenders' outputs, by the outputs' dtype: bf16 keeps 8 bits of
+# mantissa (and a 38-block model adds up its rounding), fp16 11, fp32 24 (but SDPA and matmul orders still differ).
+# uint8 are images from the same pipeline: they may differ by a level here and there.
+TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 2e-2, torch.float32: 1e-3, torch.uint8: 2e-2}
+
+
+class Mismatch(Exception):
+    """A contender's outputs are not finite, or differ from the case's reference outputs."""
+
+
+class OutputCheck:
+    """The reference outputs of one case (the first contender's) and the check of every contender against them."""
+
+    def __init__(self):
+        self.name, self.outputs = None, None
+
+    def __call__(self, contender: str, outputs: list[torch.Tensor]):
+        if not outputs:
+            raise Mismatch(f"{contender} produced no tensor to check")
+        for i, t in enumerate(outputs):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                bad = (~torch.isfinite(t)).sum().item()
+                raise Mismatch(f"{contender}: output {i} has {bad} non-finite values of {t.numel()}")
+        if self.outputs is None:
+            self.name, self.outputs = contender, [t.detach().clone() for t in outputs]
+            return
+        if len(outputs) != len(self.outputs):
+            raise Mismatch(f"{contender} gives {len(outputs)} outputs, {self.name} {len(self.outputs)}")
+        for i, (got, ref) in enumerate(zip(outputs, self.outputs)):
+            if got.shape != ref.shape:
+                raise Mismatch(f"{contender}: output {i} has shape {tuple(got.shape)}, {self.name} {tuple(ref.shape)}")
+            tol = max(TOLERANCE.get(got.dtype, 5e-2), TOLERANCE.get(ref.dtype, 5e-2))
+            ref32, got32 = ref.to(got.device, torch.float32), got.float()
+            error = ((got32 - ref32).norm() / ref32.norm().clamp_min(1e-30)).item()
+            if not error <= tol:
+                raise Mismatch(f"{contender} disagrees with {self.name}: output {i} relative error {error:.3g} > {tol}")
+
+
 # -- running ----------------------------------------------------------------------------------------------------
 
 
@@ -173,23 +224,34 @@ class Result:
     iterations: int = 0
     peak_bytes: int | None = None
     skipped: str | None = None
+    error: str | None = None  # its outputs were not finite or did not agree with the case's reference
+    first_s: float | None = None  # the first call: compilation, autotuning, capture
     extra: dict = field(default_factory=dict)
 
 
 Timer = Callable[..., "list[float] | None"]  # (fn, *, rounds, warmup_rounds, iterations) -> seconds per call per round
 
 
-def run_contender(case: Case, contender: Contender, inputs, *, device, quick=False, timer: Timer = time_rounds
-                  ) -> Result:
-    """Build the contender on the case's inputs, time it with `timer`, free it. A `Skip` (or running out of GPU
-    memory) gives a skipped result with its reason."""
+def run_contender(case: Case, contender: Contender, inputs, *, device, quick=False, timer: Timer = time_rounds,
+                  check: OutputCheck | None = None) -> Result:
+    """Build the contender on the case's inputs, time its first call, check its outputs with `check` (one per case,
+    shared by its contenders), time it with `timer`, free it. A `Skip` (or running out of GPU memory) gives a skipped
+    result with its reason; outputs that fail the check give a result with its `error` and no timing."""
     device = torch.device(device)
     sched = schedule(case.part, quick)
     result = Result(contender.name, contender.baseline)
+    check = check or OutputCheck()
     try:
+        start = synchronized_timer()
         with contender.build(inputs) as prepared:
+            result.extra["build_ms"] = 1e3 * (synchronized_timer() - start)  # kernels on CUDA: compile, tune, capture
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            start = synchronized_timer()
+            first = prepared.fn()
+            result.first_s = synchronized_timer() - start
+            check(contender.name, prepared.outputs(first))
+            del first
             iterations = plan_iterations(prepared.fn, sched.min_round_s)
             samples = timer(prepared.fn, rounds=sched.rounds, warmup_rounds=sched.warmup_rounds, iterations=iterations)
             if device.type == "cuda":
@@ -198,13 +260,20 @@ def run_contender(case: Case, contender: Contender, inputs, *, device, quick=Fal
             if samples is None:
                 result.skipped = "timing disabled (--benchmark-disable)"
             else:
-                result.median_s, result.min_s = statistics.median(samples), min(samples)
+                per_call = [t / prepared.calls for t in samples]
+                result.median_s, result.min_s = statistics.median(per_call), min(per_call)
                 result.rounds, result.iterations = len(samples), iterations
+                if prepared.eager is not None:
+                    eager = time_rounds(prepared.eager, rounds=sched.rounds, warmup_rounds=1, iterations=1)
+                    eager_ms = result.extra["eager_ms"] = 1e3 * statistics.median(eager) / prepared.calls
+                    result.extra["launch_overhead_us"] = max(0.0, 1e3 * eager_ms - 1e6 * result.median_s)
             if prepared.stages and samples:
                 timed = prepared.stages[-len(samples) * iterations :]
                 result.extra["stages_ms"] = {k: 1e3 * statistics.median(t[k] for t in timed) for k in timed[0]}
     except Skip as e:
         result.skipped = str(e)
+    except Mismatch as e:
+        result.error = str(e)
     except torch.cuda.OutOfMemoryError:
         result.skipped = "out of GPU memory"
     finally:
@@ -227,7 +296,11 @@ class Results:
         self.cases.setdefault(f"{case.part}/{case.id}", (case, []))[1].append(result)
 
     def timed(self) -> bool:
-        return any(r.median_s for _, results in self.cases.values() for r in results)
+        return any(r.median_s or r.error for _, results in self.cases.values() for r in results)
+
+    def errors(self) -> list[str]:
+        """Every failed output check of the run, as "part/case contender: why"."""
+        return [f"{key}: {r.error}" for key, (_, results) in self.cases.items() for r in results if r.error]
 
     def latest(self, case: Case) -> dict:
         """The record of the case's last result, with its ratios to the baselines measured so far."""
@@ -281,9 +354,13 @@ class Results:
 
 def result_record(case: Case, r: Result, baselines: dict[str, float]) -> dict:
     out = {"contender": r.contender, "baseline": r.baseline}
+    if r.error:
+        return out | {"error": r.error}
     if r.median_s is None:
         return out | {"skipped": r.skipped}
     out |= {"median_ms": 1e3 * r.median_s, "min_ms": 1e3 * r.min_s, "rounds": r.rounds, "iterations": r.iterations}
+    if r.first_s is not None:
+        out["first_ms"] = 1e3 * r.first_s
     seconds = r.median_s
     if case.rate_stage:
         seconds = r.extra.get("stages_ms", {}).get(case.rate_stage, 0) / 1e3 or None
@@ -300,15 +377,30 @@ def run_suite(*, parts=PARTS, models=tuple(MODELS), quick=False, out="bench/resu
     """Run the chosen parts on this machine (CUDA when available), write the JSON; returns (record, path)."""
     env = detect_environment(device)
     results = Results(env, quick=quick)
-    for case in build_cases(env.device, parts, models):
-        with case.inputs() as inputs:
-            for contender in case.contenders:
-                result = run_contender(case, contender, inputs, device=env.device, quick=quick)
-                results.add(case, result)
-                if log:
-                    done = f"{1e3 * result.median_s:.3f} ms" if result.median_s else f"skipped: {result.skipped}"
-                    log(f"{case.part} {case.id} {contender.name}: {done}")
+    try:
+        for case in build_cases(env.device, parts, models):
+            with case.inputs() as inputs:
+                check = OutputCheck()
+                for contender in case.contenders:
+                    result = run_contender(case, contender, inputs, device=env.device, quick=quick, check=check)
+                    results.add(case, result)
+                    if log:
+                        log(f"{case.part} {case.id} {contender.name}: {outcome(result)}")
+    except KeyboardInterrupt:  # e.g. a time limit (bench/gpu_check.sh): keep what was measured
+        if results.timed():
+            path = results.write(out)
+            if log:
+                log(f"interrupted: wrote what was measured to {path}")
+        raise
     return results.record(), results.write(out)
+
+
+def outcome(result: Result) -> str:
+    if result.error:
+        return f"FAILED: {result.error}"
+    if result.median_s:
+        return f"{1e3 * result.median_s:.3f} ms (first call {1e3 * result.first_s:.1f} ms)"
+    return f"skipped: {result.skipped}"
 
 
 # -- reporting --------------------------------------------------------------------------------------------------
@@ -326,8 +418,8 @@ def format_table(record: dict) -> str:
         title = f"{case['part']} {case['name']} [{case['model']}]"
         for r in case["results"]:
             if "median_ms" not in r:
-                skipped = f"skipped: {r['skipped']}"
-                rows.append((title, shape_text(case["shape"]), r["contender"], "-", "-", "-", skipped))
+                why = f"FAILED: {r['error']}" if "error" in r else f"skipped: {r['skipped']}"
+                rows.append((title, shape_text(case["shape"]), r["contender"], "-", "-", "-", why))
                 continue
             rate = f"{r['tflop_s']:.3g} TFLOP/s" if "tflop_s" in r else f"{r['gb_s']:.3g} GB/s" if "gb_s" in r else "-"
             peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
@@ -335,6 +427,10 @@ def format_table(record: dict) -> str:
             vs = "baseline" + (f" ({ratios})" if ratios else "") if r["baseline"] else ratios or "-"
             if stages := r.get("extra", {}).get("stages_ms"):
                 vs += "; " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + " ms"
+            if "launch_overhead_us" in r.get("extra", {}):
+                vs += f"; eager {r['extra']['eager_ms']:.3f} ms (launch +{r['extra']['launch_overhead_us']:.0f} us)"
+            elif case["part"] != "kernels" and "first_ms" in r:
+                vs += f"; first call {r['first_ms']:.0f} ms"
             rows.append((title, shape_text(case["shape"]), r["contender"], f"{r['median_ms']:.3f}", rate, peak, vs))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     right = {3, 4, 5}
@@ -373,10 +469,15 @@ def bench_command(args) -> int:
     record, path = run_suite(parts=parts, models=models, quick=args.quick, out=args.out, log=log)
     print(format_table(record))
     print(f"wrote {path}")
-    return 0
+    failed = [f"{c['part']}/{c['id']} {r['contender']}: {r['error']}" for c in record["cases"] for r in c["results"]
+              if "error" in r]  # fmt: skip
+    for line in failed:
+        print(f"fastsd35: benchmark output check failed: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 __all__ = [
-    "Environment", "Result", "Results", "SCHEDULES", "Schedule", "bench_command", "detect_environment",
+    "Environment", "Mismatch", "OutputCheck", "Result", "Results", "SCHEDULES", "Schedule", "bench_command",
+    "detect_environment",
     "format_table", "plan_iterations", "run_contender", "run_suite", "synchronized_timer", "time_rounds",
 ]  # fmt: skip

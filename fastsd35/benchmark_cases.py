@@ -1,9 +1,10 @@
 """What the benchmarks measure (`fastsd35.benchmark` times it): the cases, their contenders and their work.
 
 A `Case` is one shape of one workload (a kernel, a transformer step, a whole generation); its contenders are the
-implementations compared on it, baselines first. Nothing is allocated when cases are listed: a case's shared inputs
-are built by `case.inputs()` once for all its contenders, and each contender builds its model or pipeline on entry
-and frees it on exit, so one 8B model at a time is on the device.
+implementations compared on it, baselines first (but torch.compile last: it is the slowest to build). Nothing is
+allocated when cases are listed: a case's shared inputs are built by `case.inputs()` once for all its contenders, and
+each contender builds its model or pipeline on entry and frees it on exit, so one 8B model at a time is on the device
+(two for a moment while diffusers' contenders copy in MMDiTX's random weights).
 
 On CUDA the shapes are the released ones at 1024x1024 (bf16): latent 128x128 (4096 x tokens), context 77 CLIP + 77
 T5 tokens (154) or 77 + 256 (333, the default --t5-tokens), D = 2432 / 1536 and H = 38 / 24 heads of 64 for SD3.5
@@ -21,6 +22,7 @@ from functools import partial
 from types import SimpleNamespace
 from typing import Callable, ContextManager
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -33,6 +35,10 @@ REDUCED = {  # the CPU's stand-ins: the released structure (qk-norm; MMDiT-X blo
     "large": MMDiTXConfig(depth=3, pos_embed_max_size=32, qk_norm="rms"),
     "medium": MMDiTXConfig(depth=3, pos_embed_max_size=32, qk_norm="rms", x_block_self_attn_layers=(0, 1)),
 }
+# Kernel inputs rotate through at least this many bytes, 4x the L2 of H100 and H200 (50 MB), so that no call finds its
+# inputs in L2 left there by the previous one (the SD3.5 Medium working sets, 25-50 MB, would otherwise stay in L2).
+ROTATE_BYTES = 4 * 50 * 2**20
+MAX_INPUT_SETS = 64
 CONTEXT_LENGTHS = (154, 333)  # 77 CLIP + 77 T5 tokens (a short prompt); 77 + 256 (--t5-tokens default)
 BATCHES = (2, 1)  # CFG [cond, uncond]; cond only (cfg <= 1, Turbo)
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -43,14 +49,27 @@ class Skip(Exception):
     """A contender that cannot run here; the message is the reason recorded in the results."""
 
 
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in a value: a tensor, or (nested) tuples and lists holding some."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for v in value for t in _tensors(v)] if isinstance(value, (tuple, list)) else []
+
+
 @dataclass
 class Prepared:
-    """A built contender: `fn()` is one timed call; `extra` goes into its result; `stages` collects the per-stage
+    """A built contender: `fn()` is one timed sample of `calls` calls of the workload (a CUDA graph replays several
+    kernel calls on rotated inputs); `outputs(result of fn())` are the tensors its first call produced, checked to be
+    finite and to agree with the other contenders'; `eager()` (kernels on CUDA) makes the same `calls` calls from
+    Python, timed apart to show what launching costs; `extra` goes into its result; `stages` collects the per-stage
     seconds of each call (end to end)."""
 
     fn: Callable[[], object]
     extra: dict = field(default_factory=dict)
     stages: list[dict] | None = None
+    outputs: Callable[[object], list[torch.Tensor]] = _tensors
+    calls: int = 1
+    eager: Callable[[], object] | None = None
 
 
 @dataclass
@@ -191,9 +210,20 @@ def geometry(model: str, device, dtype=None, full: bool | None = None) -> Geomet
     return Geometry(model, REDUCED[model], 32, device, dtype or torch.float32)
 
 
+def input_sets(set_bytes: int, device) -> int:
+    """How many copies of a kernel's inputs the timing rotates through: enough to cover ROTATE_BYTES on CUDA, one on
+    the CPU (where nothing is timed from a graph)."""
+    if torch.device(device).type != "cuda":
+        return 1
+    return max(1, min(MAX_INPUT_SETS, -(-ROTATE_BYTES // max(set_bytes, 1))))
+
+
 @contextmanager
 def _kernel_inputs(make, geo: Geometry):
-    yield make(geo, torch.Generator(geo.device).manual_seed(0))
+    """The argument tuples of one op, one per rotated input set (set 0 is the one whose outputs are checked)."""
+    first = make(geo, torch.Generator(geo.device).manual_seed(0))
+    n = input_sets(sum(t.numel() * t.element_size() for t in _tensors(first)), geo.device)
+    yield [first] + [make(geo, torch.Generator(geo.device).manual_seed(i)) for i in range(1, n)]
 
 
 def _rows(geo: Geometry, g, n: int):
@@ -229,7 +259,8 @@ def _split_qkv_rmsnorm(n_ctx, geo, g):
     B, L, D, H = geo.batch, geo.n_x, geo.config.hidden_size, geo.config.num_heads
     qkv = _randn(geo.device, geo.dtype, g, B, L, 3 * D)
     weights = [_randn(geo.device, geo.dtype, g, HEAD_DIM) for _ in range(2)]
-    buffers = [torch.empty(B, H, n_ctx + L, HEAD_DIM, device=geo.device, dtype=geo.dtype) for _ in range(3)]
+    # zeros: the op writes only the x-stream rows, and the outputs checked are the whole buffers
+    buffers = [torch.zeros(B, H, n_ctx + L, HEAD_DIM, device=geo.device, dtype=geo.dtype) for _ in range(3)]
     return qkv, *weights, *buffers, n_ctx  # the x stream, written after the context rows
 
 
@@ -240,16 +271,35 @@ def _joint_attention(n_ctx, geo, g):
     return q, k, v, out_ctx, torch.empty(B, geo.n_x, D, device=geo.device, dtype=geo.dtype), n_ctx
 
 
+WRITTEN_ARGS = {"split_qkv_rmsnorm": (3, 4, 5), "joint_attention": (3, 4)}  # outputs the ops write into
+
+
 @contextmanager
-def _kernel_op(ops_name: str, op: str, geo: Geometry, args):
+def _kernel_op(ops_name: str, op: str, geo: Geometry, sets):
+    """One op on the rotated input sets. On CUDA a timed call replays a CUDA graph of the op on every set in turn (the
+    GPU's time, inputs not left in L2 by the previous call), and `eager` makes the same calls from Python (the GPU's
+    time plus what the launcher costs when it cannot hide behind the GPU); on the CPU, one call on set 0."""
+    from .graphs import CUDACapturer
+
     if ops_name == "triton":
         _need_triton(geo.device)
         fn = getattr(kernels.TRITON_OPS, op)
     else:
         fn = getattr(kernels.REFERENCE_OPS, op)
     flash = op == "joint_attention"  # the torch counterpart is SDPA restricted to its flash backend
+    extra = {"sdpa": "flash"} if flash and ops_name == "torch" else {}
+    written = [t for i in WRITTEN_ARGS.get(op, ()) if (t := sets[0][i]) is not None]
+
+    def rotation():
+        return [fn(*args) for args in sets]
+
     with _flash_only() if flash and ops_name == "torch" else nullcontext():
-        yield Prepared(lambda: fn(*args), {"sdpa": "flash"} if flash and ops_name == "torch" else {})
+        if geo.device.type != "cuda":
+            yield Prepared(lambda: fn(*sets[0]), extra, outputs=lambda result: _tensors(result) + written)
+            return
+        replay, results = CUDACapturer(geo.device).capture(rotation)  # warms up (autotunes) first, eagerly
+        extra |= {"timed": "CUDA graph", "input_sets": len(sets)}
+        yield Prepared(replay, extra, outputs=lambda _: _tensors(results[0]) + written, calls=len(sets), eager=rotation)
 
 
 def _flash_only():
@@ -308,12 +358,21 @@ def diffusers_config(config: MMDiTXConfig) -> dict:
     )  # fmt: skip
 
 
+STEP_SIGMA = 0.75  # a mid-schedule sigma, exact in fp16: timestep 750
+
+
 @contextmanager
 def _step_inputs(geo: Geometry, batch: int, n_ctx: int):
+    """One step's inputs: fastsd35's passes take the sampler's sigma (0.75), diffusers the timestep the pass derives
+    from it (model_timestep: 750), so that every contender computes the same thing."""
+    from .sampling import model_timestep
+
     cfg, g = geo.config, torch.Generator(geo.device).manual_seed(0)
+    sigma = torch.full((batch,), STEP_SIGMA)  # on the CPU, as the sampler hands it over
     yield SimpleNamespace(
         x=_randn(geo.device, geo.dtype, g, batch, cfg.in_channels, geo.latent, geo.latent),
-        t=torch.full((batch,), 750.0, device=geo.device),
+        sigma=sigma,
+        t=model_timestep(sigma).to(geo.device),
         y=_randn(geo.device, geo.dtype, g, batch, cfg.adm_in_channels),
         context=_randn(geo.device, geo.dtype, g, batch, n_ctx, cfg.context_dim),
     )
@@ -333,7 +392,7 @@ def _fastsd35_step(cls, graphs: bool, geo: Geometry, inp):
 
     def fn():
         with torch.inference_mode():
-            return step(inp.x, inp.t, inp.y, inp.context)
+            return step(inp.x, inp.sigma, inp.y, inp.context)
 
     try:
         yield Prepared(fn, {"params": _params(model)})
@@ -352,7 +411,8 @@ def _diffusers_step(compiled: bool, geo: Geometry, inp):
         raise Skip("torch.compile is timed on CUDA only (compiling on the CPU takes minutes)")
     with torch.device("meta"):
         model = SD3Transformer2DModel(**diffusers_config(geo.config))
-    model = random_weights_(_cast(model, geo.dtype).to_empty(device=geo.device))
+    model = _cast(model, geo.dtype).to_empty(device=geo.device).eval().requires_grad_(False)
+    model.load_state_dict(diffusers_weights(geo), strict=True)  # the weights the fastsd35 contenders get
     run = torch.compile(model) if compiled else model
 
     def fn():
@@ -379,6 +439,15 @@ def _diffusers_step(compiled: bool, geo: Geometry, inp):
             torch._dynamo.reset()
 
 
+def diffusers_weights(geo: Geometry) -> dict:
+    """The random weights `random_weights_` gives MMDiTX (and FastMMDiTX) for this geometry, in diffusers' layout
+    (converted by diffusers' own converter): diffusers is timed on the same model, so its output can be compared."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    reference = random_weights_(MMDiTX.empty(geo.config, dtype=geo.dtype, device=geo.device))
+    return convert_sd3_transformer_checkpoint_to_diffusers(dict(reference.state_dict()))
+
+
 def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     # Not `.to(dtype)`: diffusers' override of it warns about fp32 modules this model does not have.
     return {torch.float32: model.float, torch.float16: model.half, torch.bfloat16: model.bfloat16}[dtype]()
@@ -393,9 +462,10 @@ def transformer_cases(geo: Geometry, n_ctx: int = CONTEXT_LENGTHS[0]) -> list[Ca
         contenders = [
             Contender("torch", partial(_fastsd35_step, MMDiTX, False, geo), baseline=True),
             Contender("diffusers", partial(_diffusers_step, False, geo), baseline=True),
-            Contender("diffusers+compile", partial(_diffusers_step, True, geo), baseline=True),
             Contender("fastsd35", partial(_fastsd35_step, FastMMDiTX, False, geo)),
             Contender("fastsd35+graphs", partial(_fastsd35_step, FastMMDiTX, True, geo)),
+            # the slowest to build (a minute or more of compiling) comes last: a time limit that stops it loses only it
+            Contender("diffusers+compile", partial(_diffusers_step, True, geo), baseline=True),
         ]
         cases.append(Case("transformer", "step", geo.model, shape, contenders, partial(_step_inputs, geo, batch, n_ctx),
                           flops=mmditx_flops(geo.config, batch, n_ctx, geo.n_x), tag=f"B{batch}"))  # fmt: skip
@@ -455,8 +525,10 @@ def _generate(preset: str, graphs: bool, components):
     pipe = Pipeline(components.transformer, components.vae, components.text, preset, graphs=graphs)
     stages = []
 
-    def fn():
-        stages.append(pipe.generate(PROMPT, seed=23, progress=False).timings)
+    def fn():  # -> the images (checked: the contenders make the same ones)
+        generation = pipe.generate(PROMPT, seed=23, progress=False)
+        stages.append(generation.timings)
+        return torch.from_numpy(np.stack([np.asarray(image) for image in generation.images]))
 
     try:
         extra = {"transformer": type(components.transformer).__name__, "text_encoders": components.note}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -57,12 +57,13 @@ class TransformerPass:
     def __call__(self, x, sigma, y, context, *, skip_layers=(), control=None):
         device = self.transformer.device
         x, sigma = x.to(device), sigma.to(device)
-        residuals = None
-        if control is not None:
-            latent, strength = control
-            residuals = self.controlnet(self.transformer, x, sigma, y, latent, strength)
-        return self.transformer(x, model_timestep(sigma), y, context, controlnet_hidden_states=residuals,
-                                skip_layers=skip_layers)
+        with on_device(device):  # Triton launches on the current device: make it the model's
+            residuals = None
+            if control is not None:
+                latent, strength = control
+                residuals = self.controlnet(self.transformer, x, sigma, y, latent, strength)
+            return self.transformer(x, model_timestep(sigma), y, context, controlnet_hidden_states=residuals,
+                                    skip_layers=skip_layers)
 
 
 class Pipeline:
@@ -252,7 +253,8 @@ class Pipeline:
         device = self.text_encoders.device
         if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < SAMPLING_HEADROOM_BYTES:
             self.text_encoders.to("cpu")
-            torch.cuda.empty_cache()
+            with torch.cuda.device(device):
+                torch.cuda.empty_cache()
 
     def encode_control(self, image: Image.Image, width: int, height: int, seed: int) -> torch.Tensor:
         """Control image -> the ControlNet's control latent (1, 16, h, w) as the reference makes it (SPEC.md §8.3), the
@@ -274,7 +276,8 @@ class Pipeline:
 @contextmanager
 def _stage(name: str, timings: dict, device: torch.device):
     """Time a stage (synchronising CUDA so the figure is real) and turn out-of-memory into a clear user error."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # its own device
     sync()
     start = time.perf_counter()
     try:
@@ -284,6 +287,11 @@ def _stage(name: str, timings: dict, device: torch.device):
         raise FastSD35Error(f"out of GPU memory while {doing}: {hint}") from None
     sync()
     timings[name] = time.perf_counter() - start
+
+
+def on_device(device: torch.device):
+    """`torch.cuda.device(device)` for a CUDA device (the current device while inside), else nothing."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def _text_encoder_device(requested: str, device: torch.device, t5: bool) -> torch.device:

@@ -1,4 +1,5 @@
-"""Random-weight models built in code from a fixed seed: for self-tests, parity tests and `--preset tiny`."""
+"""Random-weight models built in code from a fixed seed: for self-tests, parity tests and `--preset tiny`; and the
+configs of the tiny family that `fastsd35.train_tiny` trains on `fastsd35.tiny_scenes`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .model import FastMMDiTX, MMDiTXConfig
+from .vae import VAEConfig
 
 _WEIGHTED = (nn.Linear, nn.Conv2d, nn.Embedding)
 
@@ -16,6 +18,13 @@ _WEIGHTED = (nn.Linear, nn.Conv2d, nn.Embedding)
 TINY_MMDITX_CONFIG = MMDiTXConfig(
     depth=2, pos_embed_max_size=64, context_dim=64, adm_in_channels=64, qk_norm="rms", x_block_self_attn_layers=(0,)
 )
+
+# The family `fastsd35.train_tiny` trains, sized to train in minutes on a CPU: one joint block (hidden 64, one head,
+# qk-norm) with a 16x16 position table (up to 256 px; trained at 64x64), and a lighter VAE (64 channels at every
+# level, one block per encoder level), still 16 latent channels and a factor-8 downsampling like the real one.
+# 64 channels, not 32: with the VAE's 32 norm groups, one channel per group normalises away every flat color.
+TRAINED_MMDITX_CONFIG = MMDiTXConfig(depth=1, pos_embed_max_size=16, context_dim=64, adm_in_channels=64, qk_norm="rms")
+TRAINED_VAE_CONFIG = VAEConfig(ch=64, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
 
 
 @torch.no_grad()
@@ -60,14 +69,19 @@ def tiny_components(seed: int = 0, *, device="cpu", dtype=torch.float32, t5: boo
 
 
 def write_tiny_model(folder, seed: int = 0) -> Path:
-    """Write the tiny model as the official release lays out a model folder: `tiny.safetensors` (transformer and
-    VAE), `clip_l.safetensors`, `clip_g.safetensors`, `t5xxl_fp16.safetensors`, and tokenizer/, tokenizer_2/,
-    tokenizer_3/. Loading it back (`--preset tiny --model folder`) runs the real loading path end to end."""
+    """Write the random-weight tiny model (`tiny_components(seed)`) as a model folder (see `save_model_folder`).
+    Loading it back (`--preset tiny --model folder`) runs the real loading path end to end."""
+    return save_model_folder(folder, *tiny_components(seed))
+
+
+def save_model_folder(folder, transformer, vae, text) -> Path:
+    """Write a model as the official release lays out a model folder: `tiny.safetensors` (transformer under
+    `model.diffusion_model.`, VAE under `first_stage_model.`), `clip_l.safetensors`, `clip_g.safetensors`,
+    `t5xxl_fp16.safetensors`, and tokenizer/, tokenizer_2/, tokenizer_3/."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    transformer, vae, text = tiny_components(seed)
 
     def tensors(module, prefix=""):  # contiguous copies: safetensors refuses shared or strided storage
         return {prefix + k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}

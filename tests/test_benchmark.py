@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -125,16 +126,84 @@ def test_kernel_contenders_compute_the_same(model, monkeypatch):
     geo = bc.Geometry(model, config, latent=8, device=torch.device(device), dtype=dtype)
     for case in bc.kernel_cases(geo, contexts=(7, 40)):
         torch_op, triton_op = case.contenders
-        with case.inputs() as args:
+        with case.inputs() as sets:
+            args = sets[0]
             before = [t.clone() for t in _tensors(args)]
             outputs = []
             for contender in (torch_op, triton_op):
                 for t, saved in zip(_tensors(args), before):
                     t.copy_(saved)  # written buffers start from the same state
-                with contender.build(args) as prepared:
+                with contender.build(sets) as prepared:
                     outputs.append([t.clone() for t in _tensors(prepared.fn()) + _tensors(args)])
             for a, b in zip(*outputs):
                 torch.testing.assert_close(b, a, rtol=tol, atol=tol, equal_nan=True, msg=case.id)
+
+
+def test_kernel_inputs_rotate_through_four_l2s_on_cuda():
+    """On CUDA a kernel case holds enough copies of its inputs to cover 4x an H100's 50 MB L2 (the timing rotates
+    through them); on the CPU one. The count comes from the bytes of one set (its written buffers included)."""
+    assert bc.ROTATE_BYTES == 4 * 50 * 2**20
+    medium_x = 2 * 4096 * 1536 * 2  # one (B, L, D) bf16 activation of SD3.5 Medium: 25 MB
+    for set_bytes in (medium_x, 2 * medium_x, 3 * 2 * 38 * 4250 * 64 * 2, 1000):
+        n = bc.input_sets(set_bytes, "cuda")
+        assert n * set_bytes >= bc.ROTATE_BYTES or n == bc.MAX_INPUT_SETS
+        assert n == 1 or (n - 1) * set_bytes < bc.ROTATE_BYTES  # no more than needed
+    assert bc.input_sets(medium_x, "cpu") == 1
+
+
+def test_step_contenders_get_the_same_sigma_and_timestep():
+    """fastsd35's passes take the sigma, diffusers the timestep the pass derives from it: 0.75 and 750, finite."""
+    from fastsd35.sampling import model_timestep
+
+    geo = bc.geometry("large", "cpu")
+    with bc._step_inputs(geo, 2, 7) as inp:
+        assert inp.sigma.tolist() == [0.75, 0.75] and inp.t.tolist() == [750.0, 750.0]
+        assert torch.equal(model_timestep(inp.sigma), inp.t)
+
+
+def test_output_check_fails_loudly():
+    check = fb.OutputCheck()
+    ref = torch.randn(64, 64)
+    check("torch", [ref, ref.bfloat16()])
+    check("close", [ref + 1e-5, ref.bfloat16() * 1.01])  # within fp32's and bf16's tolerances
+    with pytest.raises(fb.Mismatch, match=r"^nan: output 1 has 1 non-finite values of 4096$"):
+        bad = ref.bfloat16()
+        bad[3, 5] = float("inf")
+        check("nan", [ref, bad])
+    with pytest.raises(fb.Mismatch, match=r"^off disagrees with torch: output 0 relative error 0.00[0-9]+ > 0.001$"):
+        check("off", [ref * 1.003, ref.bfloat16()])
+    with pytest.raises(fb.Mismatch, match="has shape"):
+        check("shape", [ref[:8], ref.bfloat16()])
+    with pytest.raises(fb.Mismatch, match="gives 1 outputs"):
+        check("count", [ref])
+
+
+def test_a_contender_that_disagrees_is_an_error_and_the_command_fails(tmp_path, monkeypatch, capsys):
+    @contextlib.contextmanager
+    def build(value, inputs):
+        yield bc.Prepared(lambda: torch.full((4,), value))
+
+    contenders = [bc.Contender("torch", partial(build, 1.0), baseline=True), bc.Contender("fast", partial(build, 2.0)),
+                  bc.Contender("nan", partial(build, float("nan")))]  # fmt: skip
+    case = bc.Case("kernels", "op", "large", dict(B=1), contenders, contextlib.nullcontext, bytes=16)
+    env = fb.Environment(torch.device("cpu"), "Test CPU (1 thread)", "torch")
+    results, check = fb.Results(env), fb.OutputCheck()
+    for contender in contenders:
+        results.add(case, fb.run_contender(case, contender, None, device="cpu", quick=True, check=check))
+    records = {r["contender"]: r for r in results.record()["cases"][0]["results"]}
+    assert records["torch"]["median_ms"] > 0 and records["torch"]["first_ms"] > 0
+    assert records["fast"] == {"contender": "fast", "baseline": False,
+                               "error": "fast disagrees with torch: output 0 relative error 1 > 0.001"}  # fmt: skip
+    assert records["nan"]["error"] == "nan: output 0 has 4 non-finite values of 4"
+    assert "FAILED: fast disagrees with torch" in fb.format_table(results.record())
+
+    monkeypatch.setattr(fb, "run_suite", lambda **kw: (results.record(), tmp_path / "x.json"))
+    assert cli.main(["bench", "--only", "kernels"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["fastsd35: benchmark output check failed: kernels/large-op fast: fast disagrees with torch: output 0 "
+                   "relative error 1 > 0.001",
+                   "fastsd35: benchmark output check failed: kernels/large-op nan: nan: output 0 has 4 non-finite "
+                   "values of 4"]  # fmt: skip
 
 
 # -- the CPU suite ------------------------------------------------------------------------------------------------
@@ -168,12 +237,14 @@ def test_cli_bench_quick_prints_the_table(quick_run):
     body = lines[3:-1]
     assert len(body) == sum(len(c["results"]) for c in results_file(out)["cases"])
     step = [line for line in body if line.startswith("transformer step [large]") and "B=2" in line]
-    assert [line.split()[8] for line in step] == ["torch", "diffusers", "diffusers+compile", "fastsd35", "fastsd35+graphs"]
+    contenders = ["torch", "diffusers", "fastsd35", "fastsd35+graphs", "diffusers+compile"]  # torch.compile last
+    assert [line.split()[8] for line in step] == contenders
     assert "TFLOP/s" in step[0] and "x diffusers" in step[0] and "x torch" in step[1]
     assert any("GB/s" in line for line in body if line.startswith("kernels ln_modulate"))
     assert "skipped: Triton's interpreter is not timed" in stdout
     e2e = [line for line in body if line.startswith("e2e tiny")]
     assert "baseline; encode " in e2e[0] and ", sample " in e2e[0] and ", decode " in e2e[0]
+    assert " ms; first call " in e2e[0] and "; first call " in step[0]
 
 
 def test_cpu_results_schema(quick_run):
@@ -183,13 +254,14 @@ def test_cpu_results_schema(quick_run):
     assert {c["part"] for c in record["cases"]} == {"kernels", "transformer", "e2e"}
     for case in record["cases"]:
         assert {"part", "id", "name", "model", "shape", "flops", "bytes", "date", "baselines", "results"} <= set(case)
+        assert not [r for r in case["results"] if "error" in r], case  # finite, and the contenders agree
         medians = {r["contender"]: r["median_ms"] for r in case["results"] if "median_ms" in r}
         assert medians and all(m > 0 and math.isfinite(m) for m in medians.values()), case["id"]
         for r in case["results"]:
             if "median_ms" not in r:
                 assert r["skipped"], (case["id"], r)
                 continue
-            assert r["rounds"] >= 1 and r["iterations"] >= 1
+            assert r["rounds"] >= 1 and r["iterations"] >= 1 and r["first_ms"] > 0
             assert ("tflop_s" if case["flops"] else "gb_s") in r
             expected = {b: medians[b] / r["median_ms"] for b in case["baselines"] if b in medians and b != r["contender"]}
             assert r["ratios"] == pytest.approx(expected)
@@ -276,3 +348,67 @@ def test_pytest_bench_suite_runs(tmp_path):
     saved = json.loads((tmp_path / "pytest-benchmark.json").read_text())["benchmarks"]
     assert {b["options"]["timer"] for b in saved} == {"synchronized_timer"}
     assert all("median_ms" in b["extra_info"] for b in saved)
+
+
+# -- bench/gpu_check.sh -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's CPU behaviour; on a GPU it runs for minutes")
+def test_gpu_check_script_plans_and_skips_without_cuda(tmp_path):
+    """On a machine without CUDA: --dry-run prints each part's command under its time limit (as if CUDA were there),
+    a plain run skips every part with the reason; both exit 0, write nothing, and bad arguments exit 2."""
+    script = ROOT / "bench" / "gpu_check.sh"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    before = sorted((ROOT / "bench" / "results").iterdir())
+
+    def run(*args):
+        return subprocess.run(["bash", str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=180)  # fmt: skip
+
+    plan = run("--dry-run")
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    lines = plan.stdout.splitlines()
+    planned = {line.split()[1]: line for line in lines if line.startswith("== ") and "(timeout " in line}
+    assert {"tests", "kernel-bench", "step", "e2e"} <= set(planned), plan.stdout
+    assert "-m pytest -q -p no:cacheprovider -m gpu tests" in planned["tests"]
+    assert "--bench-models large -k large-step-B2" in planned["step"]
+    assert "bench --only kernels --models large,medium" in planned["kernel-bench"]
+    assert "bench --only e2e" in planned["e2e"]
+    limits = [int(line.split("(timeout ")[1].split("s)")[0]) for line in planned.values()]
+    assert sum(limits) <= 480 - 20
+    report = [line for line in lines if "kernels-report" in line][0]
+    assert "--arch sm_XX" in report or "no 'fastsd35 kernels' subcommand" in report  # planned, or skipped with why
+
+    plain = run()
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    skipped = [line for line in plain.stdout.splitlines() if line.startswith("== skipped ")]
+    assert [line.split()[2] for line in skipped] == ["tests:", "kernels-report:", "kernel-bench:", "step:", "e2e:"]
+    assert all(line.endswith("no CUDA device (torch.cuda.is_available() is False)") for line in skipped)
+
+    small = run("--dry-run", "--budget", "120")  # a smaller budget scales every part down
+    small_limits = [int(line.split("(timeout ")[1].split("s)")[0]) for line in small.stdout.splitlines()
+                    if line.startswith("== ") and "(timeout " in line]  # fmt: skip
+    assert small.returncode == 0 and sum(small_limits) <= 120
+    bad = run("--budget", "soon")
+    assert bad.returncode == 2 and "--budget must be whole seconds" in bad.stderr
+    assert sorted((ROOT / "bench" / "results").iterdir()) == before
+
+
+def test_an_interrupted_suite_keeps_what_it_measured(tmp_path, monkeypatch):
+    """A time limit stops `fastsd35 bench` with SIGINT (bench/gpu_check.sh): the cases measured so far are written."""
+    real = fb.run_contender
+    done = []
+
+    def stop_at_the_second(case, contender, *args, **kwargs):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(contender.name)
+        return real(case, contender, *args, **kwargs)
+
+    monkeypatch.setattr(fb, "run_contender", stop_at_the_second)
+    logged = []
+    with one_thread(), pytest.raises(KeyboardInterrupt):
+        fb.run_suite(parts=("kernels",), models=("large",), quick=True, out=tmp_path, log=logged.append)
+    record = results_file(tmp_path)
+    assert [r["contender"] for c in record["cases"] for r in c["results"]] == done == ["torch", "triton"]
+    assert logged[-1] == f"interrupted: wrote what was measured to {tmp_path / (record['device_slug'] + '.json')}"

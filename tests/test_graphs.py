@@ -1,18 +1,208 @@
-"""CUDA graphs of the denoiser passes: replay equals eager bit for bit (GPU), and a clear refusal on the CPU."""
+"""CUDA graphs of the denoiser passes: the cache logic on the CPU through a capturer that runs eagerly (keys, input
+refresh, a failed capture dropped, out-of-memory reported), the CUDA capturer's device handling against a recording
+stand-in of torch.cuda, and on a GPU: replay equals eager bit for bit, on a device that is not the current one too."""
+
+import contextlib
 
 import numpy as np
 import pytest
 import torch
 
-from fastsd35 import FastSD35Error
-from fastsd35.graphs import CUDAGraphPasses
+from fastsd35 import FastSD35Error, graphs, runner
+from fastsd35.graphs import CUDAGraphPasses, graph_key
 from fastsd35.runner import Pipeline, TransformerPass
 from fastsd35.tiny import TINY_MMDITX_CONFIG, tiny_components
+
+
+class EagerCapturer:
+    """A capturer for the CPU: "capturing" runs the pass once, "replaying" runs it again into the static output, so
+    a replay sees exactly what is in the static input buffers. `fail` raises this error from the next capture."""
+
+    def __init__(self):
+        self.captures, self.fail = 0, None
+
+    def capture(self, run):
+        if self.fail is not None:
+            error, self.fail = self.fail, None
+            raise error
+        self.captures += 1
+        output = run()
+        return (lambda: output.copy_(run())), output
+
+
+def toy_pass(x, sigma, y, context, *, skip_layers=(), control=None):
+    """A pass whose output depends on every input (and on the skip set and the control)."""
+    v = x * sigma[:, None, None, None] + y.mean(1)[:, None, None, None] + context.mean((1, 2))[:, None, None, None]
+    v = v + sum(skip_layers)
+    if control is not None:
+        v = v + control[0] * control[1]
+    return v
+
+
+def toy_inputs(batch=2, hw=(4, 6), n_ctx=5, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
+    return dict(x=randn(batch, 16, *hw), sigma=torch.rand(batch, generator=g), y=randn(batch, 8),
+                context=randn(batch, n_ctx, 8))
+
+
+def test_graph_key_separates_what_a_graph_cannot_serve():
+    base = toy_inputs()
+    key = graph_key(graphs.pass_inputs(**base), (3, 1))
+    assert graph_key(graphs.pass_inputs(**toy_inputs(seed=1)), (1, 3)) == key  # other values, same skip set: same graph
+    control = (torch.zeros(1, 16, 4, 6), torch.tensor(1.0))
+    others = [
+        graph_key(graphs.pass_inputs(**toy_inputs(batch=1)), (1, 3)),  # batch
+        graph_key(graphs.pass_inputs(**toy_inputs(hw=(6, 4))), (1, 3)),  # latent size
+        graph_key(graphs.pass_inputs(**toy_inputs(n_ctx=7)), (1, 3)),  # context length
+        graph_key(graphs.pass_inputs(**toy_inputs(dtype=torch.bfloat16)), (1, 3)),  # dtype
+        graph_key(graphs.pass_inputs(**base), (1,)),  # skip set
+        graph_key(graphs.pass_inputs(**base), ()),
+        graph_key(graphs.pass_inputs(**base, control=control), (1, 3)),  # ControlNet on
+    ]
+    assert len({key, *others}) == 1 + len(others)
+
+
+def test_cache_captures_once_per_key_and_refreshes_inputs_every_call():
+    capturer = EagerCapturer()
+    passes = CUDAGraphPasses(toy_pass, "cpu", capturer=capturer)
+    control = (torch.randn(1, 16, 4, 6), torch.tensor(0.5))
+    passes_of_a_step = (((), None), ((2,), None), ((), control))  # plain, skip-layer, ControlNet
+    calls = [(toy_inputs(seed=s), skip, ctl) for s in (0, 1, 2) for skip, ctl in passes_of_a_step]
+    calls.append((toy_inputs(batch=1, hw=(8, 8), n_ctx=3, seed=4), (), None))
+    for inputs, skip, ctl in calls:
+        if ctl is not None:
+            ctl = (ctl[0] + inputs["sigma"][0], ctl[1])  # a new control latent every call, too
+        got = passes(**inputs, skip_layers=skip, control=ctl)
+        torch.testing.assert_close(got, toy_pass(**inputs, skip_layers=skip, control=ctl), rtol=0, atol=0)
+    assert capturer.captures == len(passes.graphs) == 4  # no skip, skip {2}, ControlNet, another shape
+    out = passes(**calls[0][0])
+    assert out is not passes(**calls[0][0])  # a copy: the next replay does not overwrite what the caller holds
 
 
 def test_graphs_refuse_the_cpu():
     with pytest.raises(ValueError, match=r"CUDA graphs need a CUDA device, not cpu: run the pass eagerly \(--no-graphs\)"):
         CUDAGraphPasses(lambda *a, **k: None, "cpu")
+
+
+def capture_invalidated_by_oom():
+    """What an allocation failure inside `torch.cuda.graph` raises: the OOM, then the invalidated capture's error."""
+    try:
+        try:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    except RuntimeError as e:
+        return e
+
+
+def test_out_of_memory_during_capture_is_the_friendly_error_and_nothing_is_cached(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    pipe = Pipeline.from_preset("tiny", device="cpu")
+    capturer = EagerCapturer()
+    pipe.model_pass = CUDAGraphPasses(pipe.model_pass, "cpu", capturer=capturer)
+    kw = dict(steps=1, width=64, height=64, progress=False)
+    for error in (capture_invalidated_by_oom(), torch.cuda.OutOfMemoryError("CUDA out of memory")):
+        capturer.fail = error
+        with pytest.raises(FastSD35Error, match=r"^out of GPU memory while sampling: lower --batch-size or --width"):
+            pipe("a red cube", **kw)
+        assert pipe.model_pass.graphs == {}  # the half-captured graph is dropped: the next call captures again
+    eager = Pipeline.from_preset("tiny", device="cpu")
+    np.testing.assert_array_equal(np.asarray(pipe("a red cube", **kw)[0]), np.asarray(eager("a red cube", **kw)[0]))
+    assert capturer.captures == len(pipe.model_pass.graphs) == 1
+
+
+def test_other_capture_errors_are_not_called_out_of_memory():
+    capturer = EagerCapturer()
+    passes = CUDAGraphPasses(toy_pass, "cpu", capturer=capturer)
+    capturer.fail = RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    with pytest.raises(RuntimeError, match="not permitted") as info:
+        passes(**toy_inputs())
+    assert not isinstance(info.value, torch.cuda.OutOfMemoryError) and passes.graphs == {}
+
+
+class RecordingCuda:
+    """Stands in for the parts of torch.cuda that CUDACapturer uses, recording the device of every stream, pool and
+    synchronisation, and whether each happened while the model's device was the current one."""
+
+    def __init__(self, monkeypatch, current=0):
+        self.current, self.events = current, []
+        cuda = self
+
+        class Stream:
+            def __init__(self, device=None):
+                self.device = torch.device("cuda", cuda.current) if device is None else torch.device(device)
+                cuda.events.append(("stream", self.device, cuda.current))
+
+            def wait_stream(self, other):
+                assert other.device == self.device, "a stream waits on another device's stream"
+
+        class CUDAGraph:
+            def replay(self):
+                cuda.events.append(("replay", None, cuda.current))
+
+            def reset(self):
+                pass
+
+        @contextlib.contextmanager
+        def device(d):
+            previous, cuda.current = cuda.current, torch.device(d).index
+            try:
+                yield
+            finally:
+                cuda.current = previous
+
+        @contextlib.contextmanager
+        def stream(s):
+            cuda.events.append(("run on", s.device, cuda.current))
+            yield
+
+        @contextlib.contextmanager
+        def graph(g, pool=None, stream=None):
+            s = stream or default_capture_stream
+            cuda.events.append(("capture on", s.device, cuda.current))
+            yield
+
+        # torch.cuda.graph's default capture stream: made once per process, on the device current at first use
+        default_capture_stream = Stream(torch.device("cuda", 0))
+        self.events.clear()
+        for name, value in dict(is_available=lambda: True, current_device=lambda: cuda.current, Stream=Stream,
+                                current_stream=lambda d=None: Stream(d), stream=stream, device=device, graph=graph,
+                                set_stream=lambda s: cuda.events.append(("set stream", s.device, cuda.current)),
+                                CUDAGraph=CUDAGraph, graph_pool_handle=lambda: ("pool", cuda.current)).items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_capture_happens_on_the_models_device_not_the_current_one(monkeypatch):
+    cuda = RecordingCuda(monkeypatch, current=0)
+    capturer = graphs.CUDACapturer("cuda:1")
+    assert capturer.pool == ("pool", 1)
+    replay, _ = capturer.capture(lambda: torch.zeros(1))
+    replay()
+    assert cuda.events and all(device in (None, torch.device("cuda:1")) and current == 1
+                               for _, device, current in cuda.events), cuda.events
+    assert ("capture on", torch.device("cuda:1"), 1) in cuda.events and cuda.current == 0
+
+    calls = []
+
+    def oom_in_capture():  # the warm-up call succeeds, the captured one runs out of memory
+        calls.append(1)
+        if len(calls) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    cuda.events.clear()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        capturer.capture(oom_in_capture)
+    assert cuda.events[-1] == ("set stream", torch.device("cuda:1"), 1)  # the caller's stream is current again
+
+
+def test_stages_synchronise_the_models_device(monkeypatch):
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    timings = {}
+    with runner._stage("sample", timings, torch.device("cuda:1")):
+        pass
+    assert synced == [torch.device("cuda:1")] * 2 and "sample" in timings
 
 
 def test_cpu_pipeline_runs_eagerly(monkeypatch):
@@ -86,3 +276,27 @@ def test_replay_with_controlnet_inputs_equals_eager(tmp_path):
         control = (latent, torch.tensor(strength, device="cuda"))
         assert torch.equal(graphed(**inputs, control=control), eager(**inputs, control=control))
     assert len(graphed.graphs) == 1
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_graphs_and_eager_on_a_device_that_is_not_the_current_one():
+    """The model on cuda:1 while cuda:0 is current: Triton launches, the capture (streams, pool) and the stage
+    timing must all use cuda:1, and the current device is left alone."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two CUDA devices (the model on cuda:1, cuda:0 current); {torch.cuda.device_count()} here")
+    torch.cuda.set_device(0)
+    transformer, _, _ = tiny_components(device="cuda:1", dtype=torch.bfloat16)
+    inputs = {k: v if k == "sigma" else v.to("cuda:1") for k, v in pass_inputs(2, 32, 32, 154).items()}
+    eager = TransformerPass(transformer)(**inputs)
+    graphed = CUDAGraphPasses(TransformerPass(transformer), "cuda:1")
+    for _ in range(2):  # capture, then replay
+        got = graphed(**inputs)
+        assert got.device == torch.device("cuda:1") and torch.equal(got, eager)
+    assert torch.cuda.current_device() == 0
+
+    kw = dict(steps=2, width=128, height=96, progress=False)
+    generation = Pipeline.from_preset("tiny", device="cuda:1").generate("a red cube", **kw)
+    plain = Pipeline.from_preset("tiny", device="cuda:1", graphs=False)("a red cube", **kw)
+    np.testing.assert_array_equal(np.asarray(generation.images[0]), np.asarray(plain[0]))
+    assert set(generation.timings) == {"encode", "sample", "decode"} and torch.cuda.current_device() == 0
