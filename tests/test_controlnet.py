@@ -381,6 +381,19 @@ def test_loading_errors(cn, diffusers_folder, tmp_path):
         load_controlnet(tmp_path / "canny.safetensors", control_type="pose")
 
 
+def test_2b_controlnet_needs_the_transformers_y_embedder():
+    """A 2B-kind ControlNet (pooled width = hidden size) embeds the pooled text with the transformer's y_embedder: a
+    transformer without one (adm_in_channels None) cannot drive it, though every size matches."""
+    with torch.device("meta"):
+        plain = MMDiTX(MMDiTXConfig(depth=4, pos_embed_max_size=16, context_dim=48, adm_in_channels=None))
+        two_b, eight_b = ControlNet(ControlNetConfig(2, 256, 256)), ControlNet(ControlNetConfig(2, 256, 40))
+    assert not two_b.config.is_8b and eight_b.config.is_8b
+    with pytest.raises(CheckpointError, match="this 2B-kind ControlNet needs the transformer's y_embedder"):
+        check_compatible(two_b, plain)
+    with pytest.raises(CheckpointError, match="it takes pooled text of width 40, the transformer None"):
+        check_compatible(eight_b, plain)
+
+
 @torch.no_grad()
 def test_incompatible_transformer(main, cn):
     x, sigma, y, _, cond = inputs()
