@@ -448,6 +448,34 @@ def diffusers_weights(geo: Geometry) -> dict:
     return convert_sd3_transformer_checkpoint_to_diffusers(dict(reference.state_dict()))
 
 
+@contextmanager
+def _fastsd35_fp8_step(graphs: bool, geo: Geometry, inp):
+    """FastMMDiTX as `--dtype fp8` runs it: the block Linears (random weights, quantized per channel) in FP8, FP8 GEMMs
+    where the device has them (else bf16 GEMMs on the FP8 weights), the rest in the case's dtype."""
+    from .graphs import CUDAGraphPasses
+    from .quantization import fp8_gemm_available, quantize_, weight_bytes
+    from .runner import TransformerPass
+
+    _need_triton(geo.device)
+    model = quantize_(random_weights_(FastMMDiTX.empty(geo.config, dtype=geo.dtype, device=geo.device)))
+    if geo.device.type == "cuda":
+        torch.cuda.empty_cache()  # the full-precision weights quantize_ replaced
+    step = TransformerPass(model)
+    if graphs:
+        step = CUDAGraphPasses(step, geo.device)
+
+    def fn():
+        with torch.inference_mode():
+            return step(inp.x, inp.sigma, inp.y, inp.context)
+
+    try:
+        yield Prepared(fn, {"params": _params(model), "weight_bytes": weight_bytes(model),
+                            "fp8_gemm": fp8_gemm_available(geo.device)})
+    finally:
+        if graphs:
+            step.clear()
+
+
 def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     # Not `.to(dtype)`: diffusers' override of it warns about fp32 modules this model does not have.
     return {torch.float32: model.float, torch.float16: model.half, torch.bfloat16: model.bfloat16}[dtype]()
@@ -464,6 +492,7 @@ def transformer_cases(geo: Geometry, n_ctx: int = CONTEXT_LENGTHS[0]) -> list[Ca
             Contender("diffusers", partial(_diffusers_step, False, geo), baseline=True),
             Contender("fastsd35", partial(_fastsd35_step, FastMMDiTX, False, geo)),
             Contender("fastsd35+graphs", partial(_fastsd35_step, FastMMDiTX, True, geo)),
+            Contender("fastsd35+graphs+fp8", partial(_fastsd35_fp8_step, True, geo)),
             # the slowest to build (a minute or more of compiling) comes last: a time limit that stops it loses only it
             Contender("diffusers+compile", partial(_diffusers_step, True, geo), baseline=True),
         ]

@@ -9,15 +9,18 @@ full copy of the weights is ever held.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError
+from .inputs import open_regular
 from .model import MMDiTX, MMDiTXConfig
 from .weights import load_module
 
@@ -34,36 +37,90 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+# safetensors dtypes and their sizes in bytes (the format's own list).
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
+                      "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8,
+                      "U64": 8, "F64": 8, "C64": 8}  # fmt: skip
+MAX_DIMS = 8
+MAX_DIM = 2**31  # no tensor of any released model comes near; 0 is an empty tensor (ComfyUI's scaled_fp8 marker)
+MAX_DEPTH = 128  # transformer blocks (the released models have 24 to 38)
+
+
 def safetensors_header(path: Path) -> dict[str, dict]:
-    """The tensor entries of a safetensors file's header, after checking that the file is safetensors and complete.
-    Nothing here unpickles or executes anything from the file."""
+    """The tensor entries of a safetensors file's header, after checking that the file is safetensors, complete and
+    consistent: a JSON object of entries with a known dtype, a shape of non-negative integers and integer offsets that
+    tile the data exactly (no overlap, no gap, byte counts matching the shapes), so that no crafted header can make
+    anything allocate more than the file holds. The format is recognised from the header itself, so every file the
+    `safetensors` library reads is accepted; zip and pickle files (PyTorch checkpoints) are named as such. Nothing
+    here unpickles or executes anything from the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path, "checkpoint", CheckpointError) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise CheckpointError(
-                f"{path}: this is a PyTorch pickle checkpoint (.ckpt/.pt/.bin); fastsd35 only reads .safetensors files"
-            )
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if not 2 <= n <= _MAX_HEADER:
-            raise CheckpointError(f"{path}: not a safetensors file (no valid header); fastsd35 only reads .safetensors")
-        if 8 + n > size:
-            raise CheckpointError(f"{path}: truncated: the header alone needs {8 + n} bytes but the file has {size}")
-        try:
-            header = json.loads(f.read(n))
-            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-            data_end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
-        except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: not a safetensors file (unreadable header); fastsd35 only reads .safetensors") from None
+        text = f.read(min(n, size - 8)) if 2 <= n <= _MAX_HEADER else b""
+    if text.lstrip()[:1] not in (b"{", b"["):  # a JSON header (an object, or the list a crafted file may hold)
+        raise CheckpointError(f"{path}: {_not_safetensors(head)}; fastsd35 only reads .safetensors files")
+    if 8 + n > size:
+        raise CheckpointError(f"{path}: truncated: the header alone needs {8 + n} bytes but the file has {size}")
+    try:
+        header = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON); fastsd35 only reads .safetensors") from None
+    tensors, data_end = _check_header(header, path)
     if 8 + n + data_end > size:
         raise CheckpointError(
             f"{path}: truncated: its header describes {8 + n + data_end} bytes but the file has {size} "
             "(an interrupted download? fetch it again)"
         )
+    if 8 + n + data_end < size:
+        raise CheckpointError(f"{path}: {size - 8 - n - data_end} bytes after the last tensor: not a valid safetensors file")
     return tensors
+
+
+def _not_safetensors(head: bytes) -> str:
+    """What a file that is not safetensors looks like, from its first bytes."""
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "this is a PyTorch pickle checkpoint in a zip archive (.ckpt/.pt/.bin), not safetensors"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle's PROTO opcode and a protocol number
+        return "this is a PyTorch pickle checkpoint (.ckpt/.pt/.bin), not safetensors"
+    return "not a safetensors file (no valid header)"
+
+
+def _check_header(header, path: Path) -> tuple[dict[str, dict], int]:
+    """The tensor entries and the data size of a parsed header; CheckpointError naming the first inconsistency."""
+    def bad(what):
+        return CheckpointError(f"{path}: not a valid safetensors file: {what}")
+
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("__metadata__ is not an object of strings")
+    tensors, spans = {}, []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise bad(f"entry {key!r} lacks dtype, shape or data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise bad(f"entry {key!r} has unknown dtype {dtype!r}")
+        ints = lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)  # noqa: E731
+        if not ints(shape) or len(shape) > MAX_DIMS or any(not 0 <= d <= MAX_DIM for d in shape):  # 0: an empty tensor
+            raise bad(f"entry {key!r} has shape {shape!r} (expected up to {MAX_DIMS} integers in [0, {MAX_DIM}])")
+        if not ints(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+            raise bad(f"entry {key!r} has data_offsets {offsets!r} (expected [begin, end] integers)")
+        if offsets[1] - offsets[0] != math.prod(shape) * SAFETENSORS_DTYPES[dtype]:
+            raise bad(f"entry {key!r}: shape {shape} of {dtype} does not match its {offsets[1] - offsets[0]} bytes")
+        tensors[key] = entry
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            raise bad(f"entry {key!r} {'overlaps the previous tensor' if begin < end else 'leaves a gap before it'}")
+        end = stop
+    return tensors, end
 
 
 class TensorSource:
@@ -73,6 +130,7 @@ class TensorSource:
         # headers: file -> its safetensors header; rename: exposed key -> stored key (default: every stored key)
         self.files = {key: path for path, header in headers.items() for key in header}
         self._shapes = {key: tuple(entry["shape"]) for header in headers.values() for key, entry in header.items()}
+        self._dtypes = {key: str(entry.get("dtype")) for header in headers.values() for key, entry in header.items()}
         self.rename = rename if rename is not None else {k: k for k in self.files}
         self.label = label
         self._stack = ExitStack()
@@ -88,12 +146,20 @@ class TensorSource:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: self._shapes[stored] for k, stored in self.rename.items()}
 
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """The safetensors dtype ("BF16", "F8_E4M3", ...) of each key, from the headers."""
+        return {k: self._dtypes[stored] for k, stored in self.rename.items()}
+
     def get(self, key: str) -> torch.Tensor:
         stored = self.rename[key]
         path = self.files[stored]
-        if path not in self._open:
-            self._open[path] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-        return self._open[path].get_tensor(stored)
+        try:
+            if path not in self._open:
+                self._open[path] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            return self._open[path].get_tensor(stored)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:  # e.g. the file changed since its header was read
+            raise CheckpointError(f"{path}: cannot read tensor {stored}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
     def close(self):
         self._stack.close()
@@ -222,9 +288,15 @@ def diffusers_weight_headers(folder: Path, stem: str = "diffusion_pytorch_model"
     single = folder / f"{stem}.safetensors"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
+            with open_regular(index, "shard index", CheckpointError) as f:
+                weight_map = json.loads(f.read(_MAX_HEADER + 1))["weight_map"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: unreadable shard index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.endswith(".safetensors") and Path(v).name == v
+            for k, v in weight_map.items()
+        ):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to .safetensors file names in this folder")
         shards = sorted({folder / name for name in weight_map.values()})
         for path in shards:
             if not path.is_file():
@@ -310,7 +382,22 @@ def find_model_files(model, preset) -> ModelFiles:
 def transformer_config(path) -> MMDiTXConfig:
     """The transformer config at `path`, read from tensor shapes in the headers alone (no weights loaded)."""
     with open_transformer(path) as source:
-        return MMDiTXConfig.from_shapes(source.shapes, source=source.label)
+        return _config_from_shapes(source)
+
+
+def _config_from_shapes(source) -> MMDiTXConfig:
+    """The config the shapes imply, refused unless the blocks it implies are exactly the blocks the header holds
+    (so a crafted shape cannot imply a model far larger than the file)."""
+    shapes = source.shapes
+    try:
+        config = MMDiTXConfig.from_shapes(shapes, source=source.label)
+    except (ValueError, TypeError, IndexError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source.label}: not an SD3 transformer: unexpected tensor shapes ({e})") from None
+    blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"joint_blocks\.(\d+)\.", k))}
+    if config.depth > MAX_DEPTH or blocks != set(range(config.depth)):
+        raise CheckpointError(f"{source.label}: its shapes imply {config.depth} transformer blocks but it holds "
+                              f"{len(blocks)}: not a consistent SD3 transformer")
+    return config
 
 
 def load_transformer(path, *, dtype=None, device=None, model_cls: type[MMDiTX] = MMDiTX) -> MMDiTX:
@@ -328,7 +415,7 @@ def load_transformer(path, *, dtype=None, device=None, model_cls: type[MMDiTX] =
                 f"{source.label}: unexpected diffusers keys {', '.join(source.unmapped[:4])}"
                 f"{' ...' if len(source.unmapped) > 4 else ''}: not an SD3/SD3.5 transformer"
             )
-        config = MMDiTXConfig.from_shapes(source.shapes, source=source.label)
+        config = _config_from_shapes(source)
         return load_module(model_cls, config, source, dtype=dtype, device=device)
 
 

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import sys
+import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,13 +26,18 @@ from PIL import Image
 from . import __version__, benchmark, distributed, kernels
 from .checkpoints import transformer_config
 from .errors import FastSD35Error
-from .outputs import image_name, output_folder, png_bytes, read_record, write_png
+from .inputs import (FIELDS, MAX_IMAGE_FILE_BYTES, MAX_PROMPTS_FILE_BYTES, Field, check_device, check_prompts,
+                     check_values, image_from_bytes, read_user_file)
+from .records import check_record, check_same_file, sha256
+from .outputs import check_output, image_name, png_bytes, png_size_bound, read_record, write_png
 from .model import CONFIGS
 from .presets import CONTROL_TYPES, PRESETS, Preset, Settings, get_preset
+from .quantization import FP8_DTYPE, is_quantized
 from .sampling import SAMPLERS, CFGDenoiser, SLGConfig
 from .tiny import TINY_MMDITX_CONFIG
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": FP8_DTYPE}
+FIELDS["dtype"] = Field(str, choices=tuple(DTYPES))  # records and --dtype accept the same names
 PRESET_OF_VARIANT = {"sd3_medium": "sd3_medium", "sd3.5_medium": "medium"}  # sd3.5_large: large or large_turbo
 MAX_T5_TOKENS = 512
 
@@ -73,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--canny-high", type=float, help="canny: high hysteresis threshold (default 200)")
     cn.add_argument("--blur-radius", type=float, help="blur: Gaussian radius in pixels (default 5)")
     hw = run.add_argument_group("hardware and text encoding")
-    hw.add_argument("--dtype", choices=DTYPES, help="transformer/VAE precision (default bf16 on CUDA, fp32 on CPU)")
+    hw.add_argument("--dtype", choices=DTYPES, help="transformer/VAE precision (default bf16 on CUDA, fp32 on CPU); "
+                    "fp8: the transformer's block Linears in FP8 (FP8 GEMMs on sm_89+), the rest at the default")
     hw.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     hw.add_argument("--text-encoder-device", default="auto", help="where CLIP/T5 run: auto (GPU when it fits), cuda or cpu")
     hw.add_argument("--no-graphs", action="store_true", help="run the transformer eagerly instead of from CUDA graphs")
@@ -95,13 +106,43 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with signals_as_interrupts():
+            return args.handler(args)
     except FastSD35Error as e:
         print(f"fastsd35: error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"fastsd35: {signal.Signals(e.signum).name} received: stopped, nothing partial written", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("fastsd35: interrupted", file=sys.stderr)
         return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt, so the same clean-up runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def signals_as_interrupts():
+    """SIGTERM and SIGHUP end the run as Ctrl-C does (no partial file, exit 128 + the signal's number)."""
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    wanted = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 # -- fastsd35 run -------------------------------------------------------------------------------------------------
@@ -120,6 +161,7 @@ class Job:
     settings: Settings
     init_image: Image.Image | None
     init_image_path: Path | None
+    init_image_sha256: str | None
     device: torch.device
     dtype: torch.dtype | None
     t5: bool
@@ -136,6 +178,7 @@ class Control:
     control_type: str | None
     image: Image.Image
     image_path: Path
+    image_sha256: str
     preprocess: str | None
     options: dict
     strength: float
@@ -146,17 +189,21 @@ def run_command(args) -> int:
         return distributed.run_command(args)
     started = time.perf_counter()
     job = plan(args)
-    with output_folder(args.out) as out:
-        pipe = load(job, args)
-        timings, written = dict(pipe.timings), []
-        control = control_latent(pipe, job)
-        for prompt in job.prompts:
-            gen = pipe.generate(prompt, **generate_kwargs(job, control))
-            for stage, seconds in gen.timings.items():
-                timings[stage] = timings.get(stage, 0.0) + seconds
-            for image, seed in zip(gen.images, gen.seeds):
-                data = png_bytes(image, record(job, prompt, seed, pipe))
-                written.append(write_png(out, image_name(job.preset.name, prompt, seed), data, args.overwrite))
+    names = [image_name(job.preset.name, p, job.seed + i) for p in job.prompts for i in range(job.batch_size)]
+    check_output(args.out, names, args.overwrite, len(names) * png_size_bound(job.settings.width, job.settings.height))
+    pipe = load(job, args)
+    with warnings.catch_warnings():  # CLIP's truncation warnings come once, while generating
+        warnings.simplefilter("ignore")
+        pipe.text_encoders.tokenize(job.prompts + [job.negative_prompt])  # every prompt fits, before the first image
+    timings, written = dict(pipe.timings), []
+    control = control_latent(pipe, job)
+    for prompt in job.prompts:
+        gen = pipe.generate(prompt, **generate_kwargs(job, control))
+        for stage, seconds in gen.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+        for image, seed in zip(gen.images, gen.seeds):
+            data = png_bytes(image, record(job, prompt, seed, pipe))
+            written.append(write_png(args.out, image_name(job.preset.name, prompt, seed), data, args.overwrite))
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
     print(f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.1f} s ({stages})")
     return 0
@@ -174,7 +221,7 @@ def generate_kwargs(job: Job, control) -> dict:
     s = job.settings
     return dict(
         negative_prompt=job.negative_prompt, seed=job.seed, batch_size=job.batch_size, init_image=job.init_image,
-        denoise=s.denoise, steps=s.steps, cfg=s.cfg, shift=s.shift, sampler=s.sampler, width=s.width,
+        denoise=s.denoise if job.init_image else None, steps=s.steps, cfg=s.cfg, shift=s.shift, sampler=s.sampler, width=s.width,
         height=s.height, slg=s.slg or False, control_image=control,
         control_strength=job.control.strength if job.control else 1.0,
         denoiser_cls=partial(CFGDenoiser, split=True) if job.cfg_parallel else CFGDenoiser,
@@ -185,17 +232,17 @@ def plan(args) -> Job:
     """Check every argument and input file that can be checked without loading a model."""
     if args.from_png:
         _fill_from_record(args, read_record(args.from_png))
+    check_values({k: v for k, v in vars(args).items() if k != "prompt"}, label=lambda name: f"--{name.replace('_', '-')}")
     model = Path(args.model or "models")
     preset = get_preset(args.preset) if args.preset else _preset_from_checkpoint(model)
-    prompts = _prompts(args)
-    if args.batch_size < 1:
-        raise FastSD35Error(f"--batch-size must be at least 1, got {args.batch_size}")
+    prompts = check_prompts(_prompts(args))
     t5_tokens = 256 if args.t5_tokens is None else args.t5_tokens
-    if not 1 <= t5_tokens <= MAX_T5_TOKENS:
-        raise FastSD35Error(f"--t5-tokens must be between 1 and {MAX_T5_TOKENS}, got {t5_tokens}")
     if args.denoise is not None and args.init_image is None:
         raise FastSD35Error("--denoise needs --init-image (it sets how much of the init image is repainted)")
-    init_image = _open_image(args.init_image, "init image") if args.init_image else None
+    device = _device(args.device)
+    if args.text_encoder_device != "auto":
+        check_device(args.text_encoder_device, "--text-encoder-device")
+    init_image, init_sha = _image(args.init_image, "init image", getattr(args, "init_image_sha256", None), "--init-image")
     control = _control(args)
     if control:
         if preset.name != "tiny" and preset.variant != "sd3.5_large":
@@ -212,7 +259,7 @@ def plan(args) -> Job:
     return Job(
         preset=preset, model=model, prompts=prompts, negative_prompt=args.negative_prompt or "",
         seed=23 if args.seed is None else args.seed, batch_size=args.batch_size, settings=settings,
-        init_image=init_image, init_image_path=args.init_image, device=_device(args.device),
+        init_image=init_image, init_image_path=args.init_image, init_image_sha256=init_sha, device=device,
         dtype=DTYPES[args.dtype] if args.dtype else None, t5=not args.no_t5, t5_tokens=t5_tokens, control=control,
         cfg_parallel=bool(args.cfg_parallel),
     )
@@ -230,7 +277,7 @@ def _control(args) -> Control | None:
         raise FastSD35Error(f"{args.controlnet}: no such ControlNet file or folder")
     if args.control_image is None:
         raise FastSD35Error("--controlnet needs --control-image (edges, a blurred image or a depth map)")
-    image = _open_image(args.control_image, "control image")
+    image, sha = _image(args.control_image, "control image", getattr(args, "control_image_sha256", None), "--control-image")
     strength = 1.0 if args.control_strength is None else args.control_strength
     if not math.isfinite(strength):
         raise FastSD35Error(f"--control-strength must be a finite number, got {strength}")
@@ -244,7 +291,7 @@ def _control(args) -> Control | None:
         from .controlnet import preprocess
 
         image = preprocess(image, args.control_preprocess, **options)
-    return Control(args.controlnet, args.control_type, image, args.control_image, args.control_preprocess, options, strength)
+    return Control(args.controlnet, args.control_type, image, args.control_image, sha, args.control_preprocess, options, strength)
 
 
 def load(job: Job, args):
@@ -263,13 +310,13 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
     s, slg, c = job.settings, job.settings.slg, job.control
     control = None
     if c:
-        control = {"controlnet": str(c.controlnet), "control_type": pipe.controlnet.control_name,
-                   "control_image": str(c.image_path), "preprocess": c.preprocess, "options": c.options,
-                   "strength": c.strength}  # fmt: skip
+        control = {"controlnet": os.path.abspath(c.controlnet), "control_type": pipe.controlnet.control_name,
+                   "control_image": os.path.abspath(c.image_path), "control_image_sha256": c.image_sha256,
+                   "preprocess": c.preprocess, "options": c.options, "strength": c.strength}  # fmt: skip
     return {
         "fastsd35_version": __version__,
         "preset": job.preset.name,
-        "model": None if job.preset.name == "tiny" and job.model == Path("models") else str(job.model),
+        "model": None if job.preset.name == "tiny" and job.model == Path("models") else _stored_path(job.model),
         "prompt": prompt,
         "negative_prompt": job.negative_prompt,
         "seed": seed,
@@ -280,9 +327,10 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
         "width": s.width,
         "height": s.height,
         "slg": None if slg is None else {"scale": slg.scale, "start": slg.start, "end": slg.end, "layers": list(slg.layers), "cfg": slg.cfg},
-        "init_image": str(job.init_image_path) if job.init_image_path else None,
+        "init_image": os.path.abspath(job.init_image_path) if job.init_image_path else None,
+        "init_image_sha256": job.init_image_sha256,
         "denoise": s.denoise if job.init_image_path else None,
-        "dtype": {v: k for k, v in DTYPES.items()}[pipe.transformer.dtype],
+        "dtype": "fp8" if is_quantized(pipe.transformer) else {v: k for k, v in DTYPES.items()}[pipe.transformer.dtype],
         "t5_tokens": job.t5_tokens,
         "no_t5": not job.t5,
         "controlnet": control,
@@ -291,8 +339,16 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
     }
 
 
+def _stored_path(path) -> str:
+    """A path for a record: absolute when it names a file or folder here (so the record works from any folder),
+    else as given (a name resolved elsewhere)."""
+    return os.path.abspath(path) if os.path.exists(path) else str(path)
+
+
 def _fill_from_record(args, record: dict):
-    """Settings from a PNG's record, for every option not given on the command line."""
+    """Settings from a PNG's record (checked: records.check_record), for every option not given on the command line.
+    Files named by the record must still hold what they held (their SHA-256 is checked when they are read)."""
+    record = check_record(record, args.from_png)
     args.prompt = args.prompt or [record["prompt"]]
     fields = ("preset", "model", "negative_prompt", "seed", "steps", "cfg", "shift", "sampler", "width", "height",
               "denoise", "dtype", "t5_tokens", "no_t5")  # fmt: skip
@@ -301,6 +357,7 @@ def _fill_from_record(args, record: dict):
             setattr(args, name, record[name])
     if args.init_image is None and record.get("init_image"):
         args.init_image = Path(record["init_image"])
+        args.init_image_sha256 = record.get("init_image_sha256")
     if args.slg is None:
         slg = record.get("slg")
         args.slg = SLGConfig(**{**slg, "layers": tuple(slg["layers"])}) if slg else False
@@ -308,11 +365,13 @@ def _fill_from_record(args, record: dict):
         args.cfg_parallel = record.get("cfg_parallel", False)
     control = record.get("controlnet")
     if control and args.controlnet is None:
-        args.controlnet, args.control_type = Path(control["controlnet"]), control["control_type"]
-        args.control_image = args.control_image or Path(control["control_image"])
-        args.control_preprocess = args.control_preprocess or control["preprocess"]
+        args.controlnet, args.control_type = Path(control["controlnet"]), control.get("control_type")
+        if args.control_image is None:
+            args.control_image = Path(control["control_image"])
+            args.control_image_sha256 = control.get("control_image_sha256")
+        args.control_preprocess = args.control_preprocess or control.get("preprocess")
         args.control_strength = control["strength"] if args.control_strength is None else args.control_strength
-        opts = control["options"]
+        opts = control.get("options") or {}
         args.canny_low, args.canny_high = opts.get("low", args.canny_low), opts.get("high", args.canny_high)
         args.blur_radius = opts.get("radius", args.blur_radius)
 
@@ -320,10 +379,11 @@ def _fill_from_record(args, record: dict):
 def _prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
+        data = read_user_file(args.prompts_file, "prompts file", MAX_PROMPTS_FILE_BYTES)
         try:
-            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise FastSD35Error(f"cannot read prompts file {args.prompts_file}: {getattr(e, 'strerror', None) or e}") from None
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise FastSD35Error(f"cannot read prompts file {args.prompts_file}: {e}") from None
         from_file = [line.strip() for line in lines if line.strip()]
         if not from_file:
             raise FastSD35Error(f"prompts file {args.prompts_file} has no prompts (blank lines are skipped)")
@@ -333,24 +393,19 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
-def _open_image(path: Path, what: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise FastSD35Error(f"cannot read {what} {path}: {e}") from None
+def _image(path: Path | None, what: str, expected_sha256: str | None, flag: str):
+    """The image at `path` (None: none) and the SHA-256 of its file, which must be `expected_sha256` when given."""
+    if path is None:
+        return None, None
+    data = read_user_file(path, what, MAX_IMAGE_FILE_BYTES)
+    check_same_file(data, expected_sha256, path, what, flag)
+    return image_from_bytes(data, path, what), sha256(data)
 
 
 def _device(requested: str | None) -> torch.device:
     if requested is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise FastSD35Error(f"unknown device {requested!r}: use cuda, cuda:N or cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FastSD35Error("--device cuda but CUDA is not available here: use --device cpu")
-    return device
+    return check_device(requested, "--device")
 
 
 def _max_pixels(preset: Preset) -> int:

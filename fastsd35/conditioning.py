@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .checkpoints import TensorSource, diffusers_weight_headers, default_device, default_dtype, safetensors_header
 from .errors import CheckpointError, FastSD35Error
+from .fp8_checkpoints import FP8Reader
 from .weights import check_keys_and_shapes
 from .tiny import randomize_
 from .tokenization import (
@@ -348,6 +349,8 @@ def load_text_encoders(model_path, *, device=None, dtype=None, t5: bool = True, 
     dtype = dtype or default_dtype(device)
     names = ENCODERS if t5 else ENCODERS[:2]
     sources, folder = find_text_encoder_weights(model_path, names)
+    # FP8 files (t5xxl_fp8_e4m3fn*.safetensors) are dequantized into `dtype` one tensor at a time.
+    sources = {name: FP8Reader(source, device) for name, source in sources.items()}
     with ExitStack() as stack:
         for source in sources.values():
             stack.enter_context(source)

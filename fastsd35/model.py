@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from . import kernels
 from .errors import CheckpointError
 from .kernels.reference import rms_norm
+from .quantization import fp8_gemm_available, fp8_linear, fp8_row_ops, keeping_dtype
 from .weights import StrictLoading
 
 HEAD_DIM = 64  # the reference's "magic": hidden = 64 * depth, heads = depth
@@ -380,7 +381,7 @@ class MMDiTX(StrictLoading, nn.Module):
             for i in range(N)
         )
         self.final_layer = FinalLayer(D, p, config.out_channels, **f)
-        self._adaln_w = self._adaln_b = None
+        self._adaln_w = self._adaln_b = self._adaln_s = None
         self._fuse_adaln()
 
     # -- construction and loading ------------------------------------------------------------------------------
@@ -408,21 +409,28 @@ class MMDiTX(StrictLoading, nn.Module):
             lins += [block.context_block.adaLN_modulation[1], block.x_block.adaLN_modulation[1]]
         return lins + [self.final_layer.adaLN_modulation[1]]
 
-    def _point_adaln_at(self, w: torch.Tensor, b: torch.Tensor):
+    def _point_adaln_at(self, w: torch.Tensor, b: torch.Tensor, s: torch.Tensor | None = None):
+        """s: the per-row scales when the adaLN Linears are FP8 (fastsd35.quantization.FP8Linear)."""
         row = 0
         for lin in self._adaln_linears():
             n = lin.out_features
             lin.weight.data, lin.bias.data = w[row : row + n], b[row : row + n]
+            if s is not None:
+                lin.weight_scale = s[row : row + n]
             row += n
-        self._adaln_w, self._adaln_b = w, b
+        self._adaln_w, self._adaln_b, self._adaln_s = w, b, s
 
     def _adaln_is_fused(self) -> bool:
-        w, b = self._adaln_w, self._adaln_b
-        if w is None:
+        w, b, s = self._adaln_w, self._adaln_b, self._adaln_s
+        lins = self._adaln_linears()
+        if w is None or (s is None) != (getattr(lins[0], "weight_scale", None) is None):
             return False
         row = 0
-        for lin in self._adaln_linears():
-            for p, full, offset in ((lin.weight, w, row * w.shape[1]), (lin.bias, b, row)):
+        for lin in lins:
+            parts = [(lin.weight, w, row * w.shape[1]), (lin.bias, b, row)]
+            if s is not None:
+                parts.append((lin.weight_scale, s, row))
+            for p, full, offset in parts:
                 if (
                     p.dtype != full.dtype
                     or p.device != full.device
@@ -440,18 +448,25 @@ class MMDiTX(StrictLoading, nn.Module):
         with torch.no_grad():
             w = torch.cat([lin.weight for lin in lins])
             b = torch.cat([lin.bias for lin in lins])
-        self._point_adaln_at(w, b)
+            fp8 = all(hasattr(lin, "weight_scale") for lin in lins)
+            s = torch.cat([lin.weight_scale for lin in lins]) if fp8 else None
+        self._point_adaln_at(w, b, s)
 
     def _apply(self, fn, recurse=True):
         # Convert the fused matrix as one tensor, then re-point the per-block slices at it: `.to(device/dtype)`,
         # `.half()`, `to_empty()` keep a single copy of the adaLN weights instead of splitting it per block.
         if not (recurse and self._adaln_is_fused()):
             return super()._apply(fn, recurse)
-        w, b = self._adaln_w, self._adaln_b
+        w, b, s = self._adaln_w, self._adaln_b, self._adaln_s
         for lin in self._adaln_linears():
             lin.weight.data, lin.bias.data = w[:0], b[:0]
+            if s is not None:
+                lin.weight_scale = s[:0]
         super()._apply(fn, recurse)
-        self._point_adaln_at(fn(w), fn(b))
+        if s is None:
+            self._point_adaln_at(fn(w), fn(b))
+        else:  # FP8 weights and their scales keep their dtypes (fastsd35.quantization)
+            self._point_adaln_at(keeping_dtype(fn, w), fn(b), keeping_dtype(fn, s))
         return self
 
     def modulations(self, c: torch.Tensor):
@@ -459,7 +474,11 @@ class MMDiTX(StrictLoading, nn.Module):
         each a (B, n_mods, D) view of one (B, sum n_mods * D) tensor."""
         if not self._adaln_is_fused():
             self._fuse_adaln()
-        mods = F.linear(F.silu(c), self._adaln_w, self._adaln_b)
+        if self._adaln_s is None:
+            mods = F.linear(F.silu(c), self._adaln_w, self._adaln_b)
+        else:
+            fp8_matmul = self._adaln_linears()[0].fp8_matmul
+            mods = fp8_linear(F.silu(c), self._adaln_w, self._adaln_s, self._adaln_b, fp8_matmul=fp8_matmul)
         B, D = c.shape[0], self.config.hidden_size
         views, col = [], 0
         for lin in self._adaln_linears():
@@ -569,7 +588,11 @@ class FastMMDiTX(MMDiTX):
     interpreter on CPU with TRITON_INTERPRET=1, otherwise the reference ops)."""
 
     def ops(self, device) -> SimpleNamespace:
-        return kernels.ops_for(device)
+        ops = kernels.ops_for(device)
+        if ops is not kernels.REFERENCE_OPS and self._adaln_s is not None and fp8_gemm_available(device) \
+                and self._adaln_linears()[0].fp8_matmul:
+            return fp8_row_ops(ops)  # FP8 model: the row kernels also write the FP8 GEMMs' quantized inputs
+        return ops
 
     @classmethod
     def from_mmditx(cls, model: MMDiTX) -> "FastMMDiTX":

@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass, replace
 
 from .errors import FastSD35Error
-from .sampling import SAMPLERS, SLGConfig
+from .inputs import check
+from .sampling import SLGConfig
 
 
 @dataclass(frozen=True)
@@ -44,15 +45,17 @@ class Preset:
         raises FastSD35Error saying what is wrong and what would work. `slg`: None = the preset's default, False =
         off, True = on with the preset's (or the default) config. While SLG is on and cfg is not given, the SLG
         config's cfg applies. `max_pixels`: the largest side the model's position table allows."""
+        if not (slg is None or isinstance(slg, (bool, SLGConfig))):
+            raise FastSD35Error(f"slg must be None, True, False or an SLGConfig, got {slg!r}")
         if slg is None or slg is True:
             slg = self.slg if slg is None else (self.slg or SLGConfig())
         settings = Settings(
             steps=self.steps if steps is None else steps,
             cfg=(slg.cfg if slg else self.cfg) if cfg is None else cfg,
             shift=self.shift if shift is None else shift,
-            sampler=sampler or self.sampler,
-            width=width or self.width,
-            height=height or self.height,
+            sampler=self.sampler if sampler is None else sampler,
+            width=self.width if width is None else width,
+            height=self.height if height is None else height,
             slg=slg or None,
             denoise=denoise,
         )
@@ -74,16 +77,8 @@ class Settings:
     denoise: float = 1.0
 
     def check(self, max_pixels: int | None = None):
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise FastSD35Error(f"steps must be a positive integer, got {self.steps}")
-        if not math.isfinite(self.cfg) or self.cfg < 0:
-            raise FastSD35Error(f"cfg must be a finite number >= 0, got {self.cfg}")
-        if not math.isfinite(self.shift) or self.shift <= 0:
-            raise FastSD35Error(f"shift must be a finite number > 0, got {self.shift}")
-        if self.sampler not in SAMPLERS:
-            raise FastSD35Error(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-        if not 0.0 < self.denoise <= 1.0:
-            raise FastSD35Error(f"denoise must be in (0, 1], got {self.denoise}")
+        for name in ("steps", "cfg", "shift", "sampler", "denoise", "width", "height"):
+            check(name, getattr(self, name))  # types and ranges (inputs.FIELDS), the same checks as the CLI's
         for name, value in (("width", self.width), ("height", self.height)):
             if value < 16 or value % 16:
                 lower, upper = max(16, value // 16 * 16), max(16, -(-value // 16) * 16)
@@ -130,6 +125,6 @@ CONTROLNET_SETTINGS = dict(shift=3.0, steps=60, cfg=3.5, sampler="euler")
 
 
 def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise FastSD35Error(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -18,11 +17,14 @@ from .conditioning import TextEncoders, load_text_encoders
 from .controlnet import ControlNet, check_compatible, control_latent, load_controlnet
 from .errors import CheckpointError, FastSD35Error
 from .graphs import CUDAGraphPasses
+from .inputs import MAX_BATCH, check, check_device, check_image, check_prompts
 from .model import FastMMDiTX, MMDiTX
 from .presets import Preset, Settings, get_preset
+from .quantization import is_fp8, quantize_
 from .sampling import CFGDenoiser, get_sigmas, img2img_sigmas, initial_latent, make_noise, model_timestep, sample
 from .vae import SDVAE, image_to_tensor, load_vae, process_in, process_out, tensor_to_images
 
+MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # What the text encoders need on the GPU in bf16 (T5-XXL ~9.5 GB, CLIP-G ~1.4 GB, CLIP-L ~0.25 GB), and what
 # sampling at 1024^2 needs beside the weights: below this much free memory they run on the CPU.
 TEXT_ENCODER_BYTES = {True: 11.2e9, False: 1.7e9}  # keyed by "with T5"
@@ -99,7 +101,7 @@ class Pipeline:
         model: str | Path,
         preset: Preset | str,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device=None,
         t5: bool = True,
         t5_tokens: int = 256,
@@ -113,10 +115,14 @@ class Pipeline:
         `fast` runs the transformer on the Triton kernels (FastMMDiTX); `graphs` replays its passes from CUDA graphs
         (default: on CUDA). Text encoders go on the GPU when they fit beside the transformer
         (`text_encoder_device="auto"`), else on the CPU. `controlnet`: an SD3.5 ControlNet file or diffusers folder
-        (`control_type` names its kind when the files do not)."""
+        (`control_type` names its kind when the files do not). `dtype="fp8"`: the transformer's (and ControlNet's)
+        block Linears in FP8 (fastsd35.quantization), everything else in the device's default dtype."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
-        device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
+        if not isinstance(model, (str, Path)):
+            raise FastSD35Error(f"model must be a path (str or Path), got {type(model).__name__}")
+        device, dtype = check_load_options(device, dtype, t5, t5_tokens)
+        if text_encoder_device != "auto":
+            check_device(text_encoder_device, "text_encoder_device")
         files = find_model_files(model, preset)
         variant = transformer_config(files.transformer).variant  # checked from the header, before loading
         if preset.variant != "custom" and variant != preset.variant:
@@ -130,7 +136,7 @@ class Pipeline:
             cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type, dtype=dtype, device=device)
             if cn is not None:
                 check_compatible(cn, transformer)
-            vae = load_vae(files.vae, dtype=dtype, device=device)
+            vae = load_vae(files.vae, dtype=default_dtype(device) if is_fp8(dtype) else dtype, device=device)
             te_device = _text_encoder_device(text_encoder_device, device, t5)
             text = load_text_encoders(
                 files.text_encoders, device=te_device, dtype=default_dtype(te_device), t5=t5, t5_tokens=t5_tokens,
@@ -148,12 +154,15 @@ class Pipeline:
         with a ControlNet file made for it (`tiny.write_tiny_controlnet`)."""
         if name != "tiny":
             raise FastSD35Error(f"preset {name!r} needs checkpoint files: use Pipeline.from_pretrained(model, {name!r})")
-        device = torch.device(device) if device is not None else default_device()
+        device, dtype = check_load_options(device, dtype, t5, t5_tokens)
         timings = {}
         with _stage("load", timings, device):
-            dtype = dtype or default_dtype(device)
+            fp8, dtype = is_fp8(dtype), default_dtype(device) if is_fp8(dtype) else dtype
             transformer, vae, text = tiny.tiny_components(seed, device=device, dtype=dtype, t5=t5, t5_tokens=t5_tokens)
-            cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type, dtype=dtype, device=device)
+            if fp8:
+                quantize_(transformer)
+            cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type,
+                                                                 dtype="fp8" if fp8 else dtype, device=device)
         pipe = cls(transformer, vae, text, "tiny", controlnet=cn, graphs=graphs)
         pipe.timings.update(timings)
         return pipe
@@ -187,7 +196,7 @@ class Pipeline:
         width: int | None = None,
         height: int | None = None,
         init_image: Image.Image | None = None,
-        denoise: float = 0.8,
+        denoise: float | None = None,
         slg=None,
         batch_size: int = 1,
         control_image: Image.Image | torch.Tensor | None = None,
@@ -196,26 +205,37 @@ class Pipeline:
         denoiser_cls=CFGDenoiser,
     ) -> Generation:
         """One batch: a prompt repeated `batch_size` times, or a list of prompts (one image each). Image i uses
-        seed + i. Unset settings come from the preset; `slg` is None (preset default), False, True or SLGConfig.
+        seed + i. Unset settings come from the preset (None: the preset's value; `denoise` defaults to 0.8 with an
+        init image); every argument is checked (FastSD35Error for a wrong type or range, see fastsd35.inputs); `slg` is None (preset default), False, True or SLGConfig.
         With a ControlNet, `control_image` (an image, or a latent from `encode_control`) steers every image with
         `control_strength` (1.0 as the reference). `denoiser_cls` builds the guidance denoiser (CFGDenoiser's
         signature): `functools.partial(CFGDenoiser, split=True)` runs cond and uncond as two passes, and
         fastsd35.distributed passes its CFG-parallel pair here."""
-        prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        check("batch_size", batch_size, "batch_size")
+        prompts = check_prompts([prompt] * batch_size if isinstance(prompt, str) else prompt, "prompt")
+        negatives = check_prompts([negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt,
+                                  "negative prompt")
         if not prompts or len(negatives) != len(prompts):
             raise FastSD35Error(f"got {len(prompts)} prompts and {len(negatives)} negative prompts: give one negative per prompt")
+        if len(prompts) > MAX_BATCH:
+            raise FastSD35Error(f"{len(prompts)} prompts in one batch; the limit is {MAX_BATCH}")
+        seed = check("seed", seed, "seed")
+        if init_image is not None:
+            check_image(init_image, "init_image")
+        elif denoise is not None:
+            raise FastSD35Error("denoise needs an init_image (it sets how much of the init image is repainted)")
+        if control_image is not None and not isinstance(control_image, (Image.Image, torch.Tensor)):
+            check_image(control_image, "control_image")
+        control_strength = check("control_strength", control_strength, "control_strength")
         s = self.preset.resolve(
             steps=steps, cfg=cfg, shift=shift, sampler=sampler, width=width, height=height, slg=slg,
-            denoise=denoise if init_image is not None else 1.0, max_pixels=self.max_pixels,
+            denoise=(0.8 if denoise is None else denoise) if init_image is not None else 1.0, max_pixels=self.max_pixels,
         )
         if s.slg and max(s.slg.layers) >= self.transformer.depth:
             raise FastSD35Error(f"skip-layer guidance layers {s.slg.layers} do not exist in a {self.transformer.depth}-block model")
         if (control_image is None) != (self.controlnet is None):
             raise FastSD35Error("a ControlNet needs a control image" if control_image is None
                                 else "a control image needs a ControlNet (--controlnet)")
-        if not math.isfinite(control_strength):
-            raise FastSD35Error(f"control strength must be a finite number, got {control_strength}")
         B, timings, device = len(prompts), {}, self.device
         seeds = [seed + i for i in range(B)]
 
@@ -239,12 +259,15 @@ class Pipeline:
                     control_image = self.encode_control(control_image, s.width, s.height, seed)
                 control = (control_image.to(device), torch.tensor(float(control_strength), device=device))
             noise = make_noise(seed, B, (16, s.height // 8, s.width // 8))
-            x = initial_latent(sigmas[0], noise, latent).to(device)
+            x = initial_latent(sigmas[0].to(device), noise.to(device), latent)
             denoiser = denoiser_cls(self.model_pass, cond, uncond, s.cfg, s.steps, s.slg, control)
             x = sample(s.sampler, denoiser, x, sigmas, progress)
+            check_finite(x, "sampling", s, control_strength if control is not None else None)
 
         with _stage("decode", timings, device):
-            images = tensor_to_images(self.vae.decode(process_out(x).to(self.vae.dtype)))
+            decoded = self.vae.decode(process_out(x).to(self.vae.dtype))
+            check_finite(decoded, "decoding", s, None)
+            images = tensor_to_images(decoded)
         self.timings.update(timings)
         return Generation(images, prompts, negatives, seeds, s, timings)
 
@@ -292,6 +315,30 @@ def _stage(name: str, timings: dict, device: torch.device):
 def on_device(device: torch.device):
     """`torch.cuda.device(device)` for a CUDA device (the current device while inside), else nothing."""
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
+def check_load_options(device, dtype, t5, t5_tokens) -> tuple[torch.device, torch.dtype]:
+    """The device (default: CUDA when available) and dtype (default: bf16 on CUDA, fp32 on CPU) a pipeline loads
+    with, after checking them and the T5 options (FastSD35Error before anything is read)."""
+    device = check_device(device) if device is not None else default_device()
+    if dtype is not None and not is_fp8(dtype) and dtype not in MODEL_DTYPES:
+        raise FastSD35Error(f"dtype must be one of {', '.join(map(str, MODEL_DTYPES))} or 'fp8', got {dtype!r}")
+    if not isinstance(t5, bool):
+        raise FastSD35Error(f"t5 must be True or False, got {t5!r}")
+    check("t5_tokens", t5_tokens, "t5_tokens")
+    return device, dtype or default_dtype(device)
+
+
+def check_finite(x: torch.Tensor, stage: str, s: Settings, control_strength: float | None):
+    """FastSD35Error naming the likely cause when `x` holds NaN or inf (one reduction; nothing is written then)."""
+    if bool(torch.isfinite(x).all()):
+        return
+    extreme = [f"{name} {value:g}" for name, value, limit in
+               (("cfg", s.cfg, 30), ("shift", s.shift, 30), ("control strength", control_strength, 10))
+               if value is not None and abs(value) > limit]  # fmt: skip
+    cause = (f"the extreme {' and '.join(extreme)}" if extreme
+             else "NaN or infinite weights in a checkpoint, or a dtype too narrow for it (try --dtype fp32)")
+    raise FastSD35Error(f"{stage} produced NaN or infinite values; likely cause: {cause}. No image was written")
 
 
 def _text_encoder_device(requested: str, device: torch.device, t5: bool) -> torch.device:

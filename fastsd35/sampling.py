@@ -1,10 +1,11 @@
 """Flow-matching sampling as the reference does it (SPEC.md §5): the shifted sigma schedule, euler and dpmpp_2m,
 the CFG and skip-layer-guidance denoisers, noise and the img2img start.
 
-The sampler state is float32. The reference's precision details that change the trajectory are kept, since they
-cost nothing (SPEC.md §5.4): the initial latent is rounded through fp16 (the reference's latent dtype); the sigma
-the model pass gets, and the one in `x - v * sigma`, is fp16-rounded; and the transformer's timestep is that sigma
-times 1000 computed in fp16 (`model_timestep`), while a ControlNet gets the product in float32.
+The sampler state is float32 after the first update. The reference's precision details that change the trajectory
+are kept, since they cost nothing (SPEC.md §5.4): the initial latent is an fp16 tensor, as the reference's latent
+is, until the first sampler update (so img2img's start and dpmpp_2m's first `ratio * x` are fp16 arithmetic); the
+sigma the model pass gets, and the one in `x - v * sigma`, is fp16-rounded; and the transformer's timestep is that
+sigma times 1000 computed in fp16 (`model_timestep`), while a ControlNet gets the product in float32.
 """
 
 from __future__ import annotations
@@ -55,9 +56,15 @@ def make_noise(seed: int, batch: int, shape: Sequence[int]) -> torch.Tensor:
 
 
 def initial_latent(sigma0: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
-    """x0 = sigma0*noise + (1 - sigma0)*latent (just the noise for txt2img), rounded through fp16 as in the reference."""
-    x = noise if latent is None else sigma0 * noise + (1 - sigma0) * latent
-    return x.to(torch.float16).float()
+    """The fp16 start x0 = sigma0*noise + (1 - sigma0)*latent (the fp16 noise for txt2img), with the reference's
+    arithmetic: noise and latent are fp16 tensors and sigma0 a 0-d float32 tensor, so each product and the sum are
+    rounded to fp16 (PyTorch gives a 0-d float tensor times an fp16 tensor in fp16). The samplers keep x in fp16
+    until their first update, as the reference does. Compute it on the device the sampler runs on."""
+    noise = noise.to(torch.float16)
+    if latent is None:
+        return noise
+    sigma0 = torch.as_tensor(sigma0, dtype=torch.float32, device=noise.device)
+    return sigma0 * noise + (1 - sigma0) * latent.to(noise.device, torch.float16)
 
 
 def model_sigma(sigma: torch.Tensor) -> torch.Tensor:
@@ -117,7 +124,7 @@ class CFGDenoiser:
             self.batched_y = torch.cat([cond[1], uncond[1]])
 
     def denoise(self, x, sigma, context, y, **kw):
-        s = model_sigma(sigma)
+        x, s = x.float(), model_sigma(sigma)  # x is fp16 before the first update: exact in float32
         v = self.model(x, s.expand(x.shape[0]), y, context, **kw).float()
         return x - v * s
 
@@ -162,7 +169,9 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, prog
 
 def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = True) -> torch.Tensor:
     """DPM-Solver++(2M) on t = -log(sigma), as k-diffusion and the reference apply it to flow sigmas (no alpha
-    scaling). The first step and a step to sigma 0 are first order; the last step therefore returns D."""
+    scaling). The first step and a step to sigma 0 are first order; the last step therefore returns D. On the
+    first step x is the fp16 start, so `ratio * x` is rounded to fp16 before the float32 term is subtracted, as in
+    the reference."""
     old = None
     t = -sigmas.log()  # t[-1] = inf for the final sigma 0
     for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
@@ -173,7 +182,10 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, p
         else:
             r = (t[i] - t[i - 1]) / h
             d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
-        x = ((-t[i + 1]).exp() / (-t[i]).exp()) * x - torch.expm1(-h) * d
+        ratio = (-t[i + 1]).exp() / (-t[i]).exp()
+        if x.dtype == torch.float16:  # the fp16 start: a 0-d tensor on x's device times it is an fp16 product
+            ratio = ratio.to(x.device)
+        x = ratio * x - torch.expm1(-h) * d
         old = denoised
     return x
 

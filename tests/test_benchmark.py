@@ -237,8 +237,8 @@ def test_cli_bench_quick_prints_the_table(quick_run):
     body = lines[3:-1]
     assert len(body) == sum(len(c["results"]) for c in results_file(out)["cases"])
     step = [line for line in body if line.startswith("transformer step [large]") and "B=2" in line]
-    contenders = ["torch", "diffusers", "fastsd35", "fastsd35+graphs", "diffusers+compile"]  # torch.compile last
-    assert [line.split()[8] for line in step] == contenders
+    contenders = ["torch", "diffusers", "fastsd35", "fastsd35+graphs", "fastsd35+graphs+fp8", "diffusers+compile"]
+    assert [line.split()[8] for line in step] == contenders  # torch.compile last
     assert "TFLOP/s" in step[0] and "x diffusers" in step[0] and "x torch" in step[1]
     assert any("GB/s" in line for line in body if line.startswith("kernels ln_modulate"))
     assert "skipped: Triton's interpreter is not timed" in stdout
@@ -271,6 +271,7 @@ def test_cpu_results_schema(quick_run):
     assert step["diffusers"]["ratios"].keys() == {"torch"} and step["torch"]["ratios"].keys() == {"diffusers"}
     assert step["torch"]["extra"]["params"] == step["diffusers"]["extra"]["params"]  # the same model on both sides
     assert step["fastsd35"]["skipped"] == step["fastsd35+graphs"]["skipped"] == bc.NOT_INTERPRETED
+    assert step["fastsd35+graphs+fp8"]["skipped"] == bc.NOT_INTERPRETED
     assert "torch.compile" in step["diffusers+compile"]["skipped"]
     assert by_id[("kernels", "medium-ln_modulate2")]["triton"]["skipped"] == bc.NOT_INTERPRETED
     e2e = by_id[("e2e", "tiny-tiny")]

@@ -163,3 +163,18 @@ def test_find_model_files(tmp_path):
         find_model_files(tmp_path / "models", large)
     (tmp_path / "diffusers" / "transformer").mkdir(parents=True)
     assert find_model_files(tmp_path / "diffusers", large).transformer == tmp_path / "diffusers"
+
+
+@pytest.mark.parametrize("length", [0x180, 0x4B50], ids=["0x80", "PK"])
+def test_header_length_that_looks_like_a_pickle_magic(tmp_path, length):
+    # The 8-byte header length is little-endian: 1 valid file in 256 starts with 0x80 (a pickle's first byte), and a
+    # 19280-byte header starts with "PK" (a zip's). They are safetensors files all the same.
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"pad": ""})
+    pad = length - int.from_bytes(path.read_bytes()[:8], "little")
+    for extra in range(pad - 8, pad + 1):
+        save_file({"w": torch.zeros(1)}, str(path), metadata={"pad": "x" * extra})
+        if int.from_bytes(path.read_bytes()[:8], "little") == length:
+            break
+    assert int.from_bytes(path.read_bytes()[:8], "little") == length
+    assert list(safetensors_header(path)) == ["w"]

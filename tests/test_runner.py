@@ -51,7 +51,7 @@ def diffusers_pipeline(pipe: Pipeline) -> StableDiffusion3Pipeline:
 
 def run_both(tiny, prompts, seed):
     ours = tiny.generate(prompts, "blurry", seed=seed, sampler="euler", cfg=4.5, **SMALL)
-    latents = initial_latent(torch.tensor(1.0), make_noise(seed, len(prompts), (16, 6, 8)))
+    latents = initial_latent(torch.tensor(1.0), make_noise(seed, len(prompts), (16, 6, 8))).float()
     with torch.no_grad():
         ref = diffusers_pipeline(tiny)(
             prompts, negative_prompt=["blurry"] * len(prompts), num_inference_steps=4, guidance_scale=4.5,

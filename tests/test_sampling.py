@@ -64,12 +64,75 @@ def test_noise_is_per_image_seeded():
     assert not torch.equal(noise[0], noise[1])
 
 
-def test_initial_latent_rounds_through_fp16():
-    noise = make_noise(0, 1, (4, 4))
-    latent = torch.randn(1, 4, 4)
-    torch.testing.assert_close(initial_latent(torch.tensor(1.0), noise), noise.half().float(), atol=0, rtol=0)
+def test_torch_promotion_facts_the_reference_relies_on():
+    """A 0-d float32 tensor times an fp16 tensor is an fp16 tensor: the scalar is rounded to fp16 and the product
+    rounded to fp16 (the reference's start latent arithmetic, SPEC.md §5.4)."""
+    x = torch.randn(1000).half()
+    s = torch.tensor(0.8576923)
+    product = s * x
+    assert product.dtype == torch.float16
+    torch.testing.assert_close(product, (s.half().float() * x.float()).half(), atol=0, rtol=0)
+    assert not torch.equal(product.float(), s * x.float())  # not computed in float32
+
+
+def test_initial_latent_is_the_reference_fp16_start():
+    noise = make_noise(0, 1, (16, 16))
+    latent = torch.randn(1, 16, 16)
+    x = initial_latent(torch.tensor(1.0), noise)
+    assert x.dtype == torch.float16
+    torch.testing.assert_close(x, noise.half(), atol=0, rtol=0)
     s = torch.tensor(0.6)
-    torch.testing.assert_close(initial_latent(s, noise, latent), (s * noise + (1 - s) * latent).half().float(), atol=0, rtol=0)
+    x = initial_latent(s, noise, latent)
+    assert x.dtype == torch.float16
+    # Each product and the sum rounded to fp16, as the reference's noise_scaling on fp16 noise and latent.
+    s16 = s.half().float()
+    a = (s16 * noise.half().float()).half().float()
+    b = ((1 - s).half().float() * latent.half().float()).half().float()
+    torch.testing.assert_close(x, (a + b).half(), atol=0, rtol=0)
+    assert not torch.equal(x, (s * noise + (1 - s) * latent).half())  # the fp32-then-round formula differs
+
+
+def float_denoiser(x, sigma, step):  # a model's denoised output is float32, whatever x's dtype
+    return ideal_denoiser(x.float(), sigma, step)
+
+
+def reference_first_steps(x16, sigmas, den):
+    """The reference loop's dtypes written out: x the fp16 start until the first update."""
+    old, x = None, x16
+    for i in range(len(sigmas) - 1):
+        d = den(x.float(), sigmas[i], i)
+        h = (-sigmas[i + 1].log()) - (-sigmas[i].log())
+        ratio = sigmas[i + 1] / sigmas[i]
+        if old is None or sigmas[i + 1] == 0:
+            if x.dtype == torch.float16:  # fp16 product, then the float32 term
+                x = (ratio.half().float() * x.float()).half().float() - torch.expm1(-h) * d
+            else:
+                x = ratio * x - torch.expm1(-h) * d
+        else:
+            r = (-sigmas[i].log() + sigmas[i - 1].log()) / h
+            x = ratio * x - torch.expm1(-h) * ((1 + 1 / (2 * r)) * d - (1 / (2 * r)) * old)
+        old = d
+    return x
+
+
+@pytest.mark.parametrize("denoise", [1.0, 0.6])
+def test_dpmpp_2m_and_img2img_follow_the_reference_start(denoise):
+    sigmas = img2img_sigmas(get_sigmas(3.0, 5), denoise)
+    noise, latent = make_noise(3, 1, (16, 8, 8)), torch.randn(1, 16, 8, 8)
+    x16 = initial_latent(sigmas[0], noise, latent if denoise < 1 else None)
+    ours = sample("dpmpp_2m", float_denoiser, x16, sigmas, progress=False)
+    expected = reference_first_steps(x16, sigmas, float_denoiser)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, expected, atol=0, rtol=1e-6)
+    # Starting from the float32 copy (the old behaviour) differs by about one fp16 step.
+    assert not torch.equal(sample("dpmpp_2m", float_denoiser, x16.float(), sigmas, progress=False), ours)
+
+
+def test_euler_is_unaffected_by_the_fp16_start():
+    sigmas = get_sigmas(3.0, 4)
+    x16 = initial_latent(sigmas[0], make_noise(1, 1, (16, 8, 8)))
+    torch.testing.assert_close(sample("euler", float_denoiser, x16, sigmas, progress=False),
+                               sample("euler", float_denoiser, x16.float(), sigmas, progress=False), atol=0, rtol=0)
 
 
 # -- samplers on a problem with a known exact flow --------------------------------------------------------------

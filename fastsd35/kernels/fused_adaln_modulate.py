@@ -5,6 +5,10 @@ x, y: (B, L, D) with a contiguous last dimension (other strides are free); shift
 strided views `mods[:, j]` of the batched modulation tensor (row stride = all blocks' modulation width). One program
 normalises one row (b, l) held whole in registers: BLOCK_D = next_power_of_2(D) with the tail masked, fp32 math,
 results stored in the input dtype.
+
+FP8 out (`FP8_OUT`, the `*_fp8` launchers): the modulated rows that feed FP8 GEMMs are also written as float8_e4m3fn
+with one fp32 scale per row, from the values as stored in the output dtype, in the same pass: exactly
+`fastsd35.quantization.quantize_rows` of the output (scale = absmax / 448, round to nearest even).
 """
 
 from __future__ import annotations
@@ -29,6 +33,33 @@ def _layer_norm_row(x, mask, D, eps):
 
 
 @triton.jit
+def _round_to_e4m3(v):
+    """v (fp32, |v| <= 448) rounded to the nearest float8_e4m3fn value (ties to even), still in fp32: the cast to fp8
+    that follows is then exact. Rounding here rather than in the cast keeps one behaviour everywhere (Triton's CPU
+    interpreter drops the carry of a cast that rounds up into the next power of two)."""
+    bits = v.to(tl.int32, bitcast=True)
+    sign = bits & -2147483648
+    mag = bits & 0x7FFFFFFF
+    # Normal range (>= 2^-6): keep 3 of fp32's 23 mantissa bits, rounding to nearest even on the bit pattern.
+    normal = (mag + 0x7FFFF + ((mag >> 20) & 1)) & -1048576
+    # Subnormal range: multiples of 2^-9, which is fp32's spacing at 2^14: adding and removing 2^14 rounds there.
+    a = mag.to(tl.float32, bitcast=True)
+    sub = ((a + 16384.0) - 16384.0).to(tl.int32, bitcast=True)
+    return (tl.where(a < 0.015625, sub, normal) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_fp8_row(y, mask, cols, Q_ROW, S_ROW):
+    """One row y (fp32, masked lanes 0) as float8_e4m3fn at Q_ROW[cols] and its scale absmax / 448 at S_ROW."""
+    amax = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12)
+    fp8_max = tl.full((), 448.0, tl.float32)
+    # IEEE divisions (div_rn), as torch's tensor / tensor: `/` may compile to an approximate division.
+    q = _round_to_e4m3(tl.clamp(y * tl.math.div_rn(fp8_max, amax), -448.0, 448.0))
+    tl.store(Q_ROW + cols, q.to(Q_ROW.dtype.element_ty), mask=mask)
+    tl.store(S_ROW, tl.math.div_rn(amax, fp8_max))
+
+
+@triton.jit
 def _ln_modulate_kernel(
     X, SHIFT1, SCALE1, SHIFT2, SCALE2, OUT1, OUT2,
     L, D,
@@ -36,6 +67,8 @@ def _ln_modulate_kernel(
     eps,
     TWO: tl.constexpr,  # also write LN(x) * (1 + scale2) + shift2 to OUT2
     BLOCK_D: tl.constexpr,
+    Q1=None, S1=None, Q2=None, S2=None,  # FP8 out: (B*L, D) float8_e4m3fn rows and (B*L,) fp32 scales
+    FP8_OUT: tl.constexpr = False,
 ):
     row = tl.program_id(0)
     b = (row // L).to(tl.int64)
@@ -49,11 +82,17 @@ def _ln_modulate_kernel(
 
     shift = tl.load(SHIFT1 + b * stride_shift1 + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(SCALE1 + b * stride_scale1 + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT1 + out, (h * (1.0 + scale) + shift).to(OUT1.dtype.element_ty), mask=mask)
+    y1 = (h * (1.0 + scale) + shift).to(OUT1.dtype.element_ty)
+    tl.store(OUT1 + out, y1, mask=mask)
+    if FP8_OUT:
+        _store_fp8_row(y1.to(tl.float32), mask, cols, Q1 + row.to(tl.int64) * D, S1 + row)
     if TWO:
         shift2 = tl.load(SHIFT2 + b * stride_shift2 + cols, mask=mask, other=0.0).to(tl.float32)
         scale2 = tl.load(SCALE2 + b * stride_scale2 + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(OUT2 + out, (h * (1.0 + scale2) + shift2).to(OUT2.dtype.element_ty), mask=mask)
+        y2 = (h * (1.0 + scale2) + shift2).to(OUT2.dtype.element_ty)
+        tl.store(OUT2 + out, y2, mask=mask)
+        if FP8_OUT:
+            _store_fp8_row(y2.to(tl.float32), mask, cols, Q2 + row.to(tl.int64) * D, S2 + row)
 
 
 @triton.jit
@@ -66,6 +105,8 @@ def _gated_residual_ln_modulate_kernel(
     HAS_Y2: tl.constexpr,
     NORM: tl.constexpr,  # False: only x_new = x + gate * y (gated_residual)
     BLOCK_D: tl.constexpr,
+    Q=None, S=None,  # FP8 out (with NORM): h as (B*L, D) float8_e4m3fn rows and (B*L,) fp32 scales
+    FP8_OUT: tl.constexpr = False,
 ):
     row = tl.program_id(0)
     b = (row // L).to(tl.int64)
@@ -89,7 +130,10 @@ def _gated_residual_ln_modulate_kernel(
         h = _layer_norm_row(x_new.to(tl.float32), mask, D, eps)
         shift = tl.load(SHIFT + b * stride_shift + cols, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(H + out, (h * (1.0 + scale) + shift).to(H.dtype.element_ty), mask=mask)
+        h = (h * (1.0 + scale) + shift).to(H.dtype.element_ty)
+        tl.store(H + out, h, mask=mask)
+        if FP8_OUT:
+            _store_fp8_row(h.to(tl.float32), mask, cols, Q + row.to(tl.int64) * D, S + row)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,3 +260,91 @@ def _launch_gated_residual(x, y, gate, y2, gate2, mod, x_new, h):
         EPS,
         HAS_Y2=has_y2, NORM=norm, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FP8 out: the same passes, also writing the rows that feed FP8 GEMMs quantized (fastsd35.quantization.quantize_rows).
+
+
+def _fp8_rows(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn rows like `out`, fp32 scales (B, L, 1)) to be written beside `out`."""
+    B, L, _ = out.shape
+    return torch.empty(out.shape, dtype=torch.float8_e4m3fn, device=out.device), \
+        torch.empty((B, L, 1), dtype=torch.float32, device=out.device)
+
+
+def ln_modulate_fp8(x, shift, scale):
+    """`ln_modulate`, and its output quantized per row in the same pass: (y, (q, s)) with y ~ q.float() * s."""
+    op = "ln_modulate_fp8"
+    B, L, D = _check_rows(op, x)
+    m = _check_mods(op, x, shift=shift, scale=scale)
+    x = unit_last_stride(x)
+    out = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    q, s = _fp8_rows(out)
+    _launch_ln_modulate_fp8(x, (m["shift"], m["scale"]), None, out, None, (q, s), None)
+    return out, (q, s)
+
+
+def ln_modulate2_fp8(x, shift1, scale1, shift2, scale2):
+    """`ln_modulate2`, and both outputs quantized per row in the same pass: (y1, y2, (q1, s1), (q2, s2))."""
+    op = "ln_modulate2_fp8"
+    B, L, D = _check_rows(op, x)
+    m = _check_mods(op, x, shift1=shift1, scale1=scale1, shift2=shift2, scale2=scale2)
+    x = unit_last_stride(x)
+    out1 = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    out2 = torch.empty_like(out1)
+    fp8_1, fp8_2 = _fp8_rows(out1), _fp8_rows(out2)
+    _launch_ln_modulate_fp8(x, (m["shift1"], m["scale1"]), (m["shift2"], m["scale2"]), out1, out2, fp8_1, fp8_2)
+    return out1, out2, fp8_1, fp8_2
+
+
+def _launch_ln_modulate_fp8(x, mod1, mod2, out1, out2, fp8_1, fp8_2):
+    B, L, D = x.shape
+    if out1.numel() == 0:
+        return
+    block_d, num_warps = _row_launch(D)
+    two = mod2 is not None
+    shift2, scale2 = mod2 if two else mod1  # unused placeholders when TWO is off
+    out2, fp8_2 = (out2, fp8_2) if two else (out1, fp8_1)
+    _ln_modulate_kernel[(B * L,)](
+        x, mod1[0], mod1[1], shift2, scale2, out1, out2,
+        L, D,
+        x.stride(0), x.stride(1), mod1[0].stride(0), mod1[1].stride(0), shift2.stride(0), scale2.stride(0),
+        out1.stride(0), out1.stride(1),
+        EPS,
+        TWO=two, BLOCK_D=block_d, num_warps=num_warps,
+        Q1=fp8_1[0], S1=fp8_1[1], Q2=fp8_2[0], S2=fp8_2[1], FP8_OUT=True,
+    )  # fmt: skip
+
+
+def gated_residual_ln_modulate_fp8(x, y, gate, shift, scale, y2=None, gate2=None):
+    """`gated_residual_ln_modulate`, and h quantized per row in the same pass: (x_new, h, (q, s))."""
+    op = "gated_residual_ln_modulate_fp8"
+    if (y2 is None) != (gate2 is None):
+        raise ValueError(f"{op}: y2 and gate2 must be given together")
+    B, L, D = _check_rows(op, x)
+    y = _check_like_x(op, "y", x, y)
+    mods = dict(gate=gate, shift=shift, scale=scale)
+    if y2 is not None:
+        y2 = _check_like_x(op, "y2", x, y2)
+        mods["gate2"] = gate2
+    m = _check_mods(op, x, **mods)
+    x = unit_last_stride(x)
+    x_new = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x_new)
+    q, s = _fp8_rows(h)
+    if x_new.numel():
+        has_y2 = y2 is not None
+        block_d, num_warps = _row_launch(D)
+        y2_, gate2_ = (y2, m["gate2"]) if has_y2 else (y, m["gate"])  # placeholders when HAS_Y2 is off
+        _gated_residual_ln_modulate_kernel[(B * L,)](
+            x, y, m["gate"], y2_, gate2_, m["shift"], m["scale"], x_new, h,
+            L, D,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), y2_.stride(0), y2_.stride(1),
+            m["gate"].stride(0), gate2_.stride(0), m["shift"].stride(0), m["scale"].stride(0), x_new.stride(0),
+            x_new.stride(1),
+            EPS,
+            HAS_Y2=has_y2, NORM=True, BLOCK_D=block_d, num_warps=num_warps,
+            Q=q, S=s, FP8_OUT=True,
+        )  # fmt: skip
+    return x_new, h, (q, s)
