@@ -81,9 +81,9 @@ def test_batch_prompts_file_seeds_and_overwrite(tmp_path, capsys):
     ]
     a, b = (np.asarray(Image.open(out / f"tiny_first-prompt_{s}.png")) for s in (23, 24))
     assert not np.array_equal(a, b)  # different seeds, different images
-    stamp = (out / "tiny_first-prompt_23.png").stat().st_mtime_ns
+    (out / "tiny_first-prompt_23.png").write_bytes(b"an older file")  # --overwrite must replace it, not keep it
     assert run("--preset", "tiny", "--prompt", "first prompt", "--out", out, "--overwrite", *FAST) == 0
-    assert len(listing(out)) == 4 and (out / "tiny_first-prompt_23.png").stat().st_mtime_ns >= stamp
+    assert len(listing(out)) == 4
     # Same seed, same noise: the image equals the batch-of-2 one up to float rounding that depends on the batch size.
     again = np.asarray(Image.open(out / "tiny_first-prompt_23.png")).astype(int)
     assert np.abs(again - a).max() <= 1
@@ -242,6 +242,32 @@ def test_interrupt_leaves_no_partial_png(tmp_path, capsys, monkeypatch):
     assert run("--preset", "tiny", "--prompt", "a", "--out", out, *FAST) == 130
     assert "interrupted" in capsys.readouterr().err
     assert listing(out) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new-file", "overwrite"])
+def test_interrupt_inside_the_write_leaves_no_partial_file(tmp_path, capsys, monkeypatch, overwrite):
+    """Ctrl-C at the moment the finished PNG is moved into place (`os.link`, or `os.replace` with --overwrite):
+    its bytes are all in a temporary file next to the target, which the run must remove on its way out."""
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.png").write_bytes(b"another run's image")
+    if overwrite:
+        (out / "tiny_a_23.png").write_bytes(b"the image --overwrite would replace")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    pending = []
+
+    def interrupted(*args, **kwargs):
+        pending.extend(p.read_bytes() for p in out.iterdir() if p.name not in before)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace" if overwrite else "link", interrupted)
+    flags = ["--overwrite"] if overwrite else []
+    assert run("--preset", "tiny", "--prompt", "a", "--out", out, *flags, *FAST) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert len(pending) == 1 and pending[0].startswith(b"\x89PNG")  # the write was under way, the PNG complete
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the temporary file is gone, the rest intact
 
 
 # -- ControlNet -----------------------------------------------------------------------------------------------------

@@ -381,6 +381,19 @@ def test_loading_errors(cn, diffusers_folder, tmp_path):
         load_controlnet(tmp_path / "canny.safetensors", control_type="pose")
 
 
+def test_2b_controlnet_needs_the_transformers_y_embedder():
+    """A 2B-kind ControlNet (pooled width = hidden size) embeds the pooled text with the transformer's y_embedder: a
+    transformer without one (adm_in_channels None) cannot drive it, though every size matches."""
+    with torch.device("meta"):
+        plain = MMDiTX(MMDiTXConfig(depth=4, pos_embed_max_size=16, context_dim=48, adm_in_channels=None))
+        two_b, eight_b = ControlNet(ControlNetConfig(2, 256, 256)), ControlNet(ControlNetConfig(2, 256, 40))
+    assert not two_b.config.is_8b and eight_b.config.is_8b
+    with pytest.raises(CheckpointError, match="this 2B-kind ControlNet needs the transformer's y_embedder"):
+        check_compatible(two_b, plain)
+    with pytest.raises(CheckpointError, match="it takes pooled text of width 40, the transformer None"):
+        check_compatible(eight_b, plain)
+
+
 @torch.no_grad()
 def test_incompatible_transformer(main, cn):
     x, sigma, y, _, cond = inputs()
@@ -400,3 +413,45 @@ def test_incompatible_transformer(main, cn):
     with pytest.raises(CheckpointError, match=r"sd3.5_medium transformer \(depth 24, hidden size 1536\): it was made for .* 2432"):
         check_compatible(large_cn, medium)
     check_compatible(large_cn, large)
+
+
+# -- spreading fewer states than blocks ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("n", [2, 3])
+def test_fewer_states_than_blocks_spread_as_the_reference(n):
+    """The released layout gives 19 states to 38 blocks: block i adds state i // (depth // n). On a depth-6 model with
+    n = 2 (blocks 0-2 share state 0, 3-5 state 1) and n = 3 (pairs), the result must equal giving every block its own
+    state laid out by that rule (block i gets state i with n = depth: pinned against diffusers above), and differ from
+    other plausible rules (interleaving i % n, or only the first n blocks)."""
+    depth = 6
+    config = MMDiTXConfig(depth=depth, pos_embed_max_size=8, context_dim=48, adm_in_channels=40, mlp_ratio=1.0)
+    model = randomize_(MMDiTX(config), 5)
+    model.eval()
+    x, sigma, y, ctx, _ = inputs(batch=1)
+    x, y, ctx = x[:, :, :4, :4], y[:, : model.config.adm_in_channels], ctx
+    g = torch.Generator().manual_seed(9)
+    hs = [torch.randn(1, 4, model.config.hidden_size, generator=g) for _ in range(n)]
+    t = sigma * 1000
+    out = model(x, t, y, ctx, controlnet_hidden_states=hs)
+    by_rule = model(x, t, y, ctx, controlnet_hidden_states=[hs[i // (depth // n)] for i in range(depth)])
+    torch.testing.assert_close(out, by_rule, atol=0, rtol=0)
+    zero = torch.zeros_like(hs[0])
+    for other in ([hs[i % n] for i in range(depth)], [hs[i] if i < n else zero for i in range(depth)]):
+        assert (model(x, t, y, ctx, controlnet_hidden_states=other) - out).abs().max() > 1e-3
+
+
+def test_released_controlnet_spreads_two_blocks_per_state():
+    from fastsd35.model import CONFIGS
+
+    large = CONFIGS["sd3.5_large"]
+    assert SD35_LARGE_CONTROLNET.num_layers == 19 and large.depth == 38
+    assert large.depth // SD35_LARGE_CONTROLNET.num_layers == 2
+    with torch.device("meta"):
+        cn, model = ControlNet(SD35_LARGE_CONTROLNET), MMDiTX(large)
+    check_compatible(cn, model)  # 19 over 38 is accepted ...
+    with torch.device("meta"):
+        odd = ControlNet(ControlNetConfig(num_layers=5, hidden_size=2432, pooled_dim=2048))
+    with pytest.raises(CheckpointError, match="cannot be spread evenly over 38"):
+        check_compatible(odd, model)  # ... 5 over 38 is not

@@ -15,6 +15,7 @@ from fastsd35 import CheckpointError, FastSD35Error
 from fastsd35.runner import Pipeline
 from fastsd35.sampling import SLGConfig, initial_latent, make_noise
 from fastsd35.tiny import write_tiny_controlnet, write_tiny_model
+from fastsd35.vae import process_out, tensor_to_images
 
 SMALL = dict(steps=4, width=64, height=48, progress=False)
 
@@ -203,3 +204,30 @@ def test_controlnet_for_another_transformer_is_refused(tmp_path):
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "cn.safetensors"))
     with pytest.raises(CheckpointError, match=r"cn\.safetensors \(a 1-block ControlNet, hidden size 192\) does not fit the custom transformer"):
         Pipeline.from_preset("tiny", device="cpu", controlnet=tmp_path / "cn.safetensors")
+
+
+@torch.no_grad()
+def test_img2img_starts_from_the_seeded_noised_init_latent(tiny, monkeypatch):
+    """With a model whose velocity is 0 every euler step keeps x, so the image is the decoded start latent: the init
+    image's VAE sample (seeded from seed + 2**32) noised to the first sigma of the denoise-cut schedule. This pins that
+    the init image, the denoise strength and the seeded posterior sample all reach the start latent, and how."""
+    monkeypatch.setattr(tiny, "model_pass", lambda x, sigma, y, context, **kw: torch.zeros_like(x))
+    rng = np.random.default_rng(0)
+    init, other = (Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(2))
+
+    def run(image, denoise, seed=23):
+        return pixels(tiny(["a house"], init_image=image, denoise=denoise, seed=seed, sampler="euler", **SMALL))
+
+    sigmas = fastsd35.sampling.img2img_sigmas(fastsd35.sampling.get_sigmas(tiny.preset.shift, 4), 0.5)
+    latent = tiny.encode_image(init, 64, 48, 23)
+    x0 = initial_latent(sigmas[0], make_noise(23, 1, (16, 6, 8)), latent)
+    expected = pixels(tensor_to_images(tiny.vae.decode(process_out(x0).to(tiny.vae.dtype))))
+    np.testing.assert_array_equal(run(init, 0.5), expected)
+
+    assert np.abs(run(other, 0.5) - expected).max() > 10  # the init image matters
+    assert np.abs(run(init, 0.75) - expected).max() > 10  # so does the strength
+    # the VAE posterior is sampled, from the image's seed: same seed same latent, another seed another sample
+    torch.testing.assert_close(tiny.encode_image(init, 64, 48, 23), latent, atol=0, rtol=0)
+    assert (tiny.encode_image(init, 64, 48, 24) - latent).abs().max() > 1e-3
+    # denoise 1.0 starts from pure noise: the init image no longer matters
+    np.testing.assert_array_equal(run(init, 1.0), run(other, 1.0))

@@ -47,6 +47,10 @@ def test_img2img_slice_uses_reference_rounding():
     assert len(img2img_sigmas(get_sigmas(3.0, 40), 0.8)) - 1 == 33  # int(40 * 0.19999...) = 7
     assert len(img2img_sigmas(get_sigmas(3.0, 50), 0.8)) - 1 == 41  # int(9.99...) = 9
     assert len(img2img_sigmas(get_sigmas(3.0, 50), 1.0)) - 1 == 50
+    # where steps * (1 - denoise) is a whole number the cut is exactly there
+    sigmas = get_sigmas(3.0, 4)
+    torch.testing.assert_close(img2img_sigmas(sigmas, 0.5), sigmas[2:], atol=0, rtol=0)
+    torch.testing.assert_close(img2img_sigmas(sigmas, 0.75), sigmas[1:], atol=0, rtol=0)
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="denoise must be in"):
             img2img_sigmas(get_sigmas(3.0, 10), bad)
@@ -255,7 +259,10 @@ def test_model_sees_fp16_rounded_sigma_and_timestep():
     assert model_timestep(torch.tensor([0.008929]).half().float()).tolist() == [8.9296875]
 
 
-@pytest.mark.parametrize("steps, active", [(50, list(range(1, 10))), (60, list(range(1, 12))), (10, [1])])
+# 50 and 100 steps put a window edge on a whole step (0.2 * 50 = 10, 0.01 * 100 = 1, 0.2 * 100 = 20): the reference's
+# comparisons are strict, so that step is outside the window.
+@pytest.mark.parametrize("steps, active", [(50, list(range(1, 10))), (60, list(range(1, 12))), (10, [1]),
+                                           (100, list(range(2, 20)))])
 def test_slg_runs_on_exactly_the_reference_steps(steps, active):
     model = RecordingModel()
     cond, uncond = conds()

@@ -4,6 +4,7 @@
     python tools/mutation.py --module sampling.py   # one module (a path under fastsd35/, or its file name)
     python tools/mutation.py --list                 # show the mutants without running anything
     python tools/mutation.py --sample 0             # every mutant (slow: minutes per module)
+    python tools/mutation.py --module sampling.py --tests tests/test_sampling.py   # only the module's own tests
 
 How it works. Each module's source is parsed with `ast` and every place a realistic single-point bug could go is
 listed: an arithmetic operator swapped (+ -, * /, // /, ** *), a comparison moved across its boundary (< <=, > >=,
@@ -266,14 +267,21 @@ def tests_by_line(workdir: Path, module: str, tests: list[str], timeout: float) 
     done = _pytest(workdir, [f"--cov={workdir / 'fastsd35'}", "--cov-context=test", "--cov-report=",
                              *tests], timeout * 4)  # fmt: skip
     if done is None or done.returncode != 0:
+        why = "timed out" if done is None else "fail without any mutation:\n" + "\n".join(done.stdout.splitlines()[-15:])
+        print(f"{module}: its tests {why}; skipped", file=sys.stderr)
         return None
     shutil.move(workdir / ".coverage", data_file)
     data = coverage.CoverageData(basename=str(data_file))
     data.read()
     by_line = data.contexts_by_lineno(str(workdir / module))
     data_file.unlink()
-    # contexts are "tests/test_x.py::test_name[param]|run" (or "|setup"/"|teardown"); the empty one is import time
-    return {line: {c.rsplit("|", 1)[0] for c in contexts if c} for line, contexts in by_line.items()}
+    # contexts are "tests/test_x.py::test_name[param]|run" (or "|setup"/"|teardown"); the empty one is import time.
+    # A line run only at import (a module constant, a default argument, a dataclass field) is guarded by every test
+    # that imports the module, not by none: give it the whole list, or its mutants would "survive" untested.
+    out = {}
+    for line, contexts in by_line.items():
+        out[line] = {c.rsplit("|", 1)[0] for c in contexts if c} or set(tests)
+    return out
 
 
 def _covering(by_line: dict[int, set[str]], line: int) -> set[str]:
@@ -310,6 +318,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sample", type=int, default=40, help="mutants per module, 0 = all (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per test run before it counts as killed")
+    parser.add_argument("--tests", action="append", help="test file to use instead of the module's list (repeat)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--json", type=Path, help="write every result as JSON")
     args = parser.parse_args(argv)
@@ -343,9 +352,9 @@ def main(argv=None) -> int:
     try:
         for module, (source, chosen, total) in plan.items():
             # the unmutated tests must pass first, or every mutant would count as killed
-            by_line = tests_by_line(work, module, [t for t in MODULES[module] if (work / t).exists()], args.timeout)
+            tests = args.tests or [t for t in MODULES[module] if (work / t).exists()]
+            by_line = tests_by_line(work, module, tests, args.timeout)
             if by_line is None:
-                print(f"{module}: its tests fail without any mutation; skipped", file=sys.stderr)
                 continue
             target = work / module
             killed = 0
