@@ -174,62 +174,17 @@ def _check_like_x(op: str, name: str, x: torch.Tensor, t) -> torch.Tensor:
 
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """LayerNorm(x; no affine, eps 1e-6) * (1 + scale) + shift, in x's dtype."""
-    op = "ln_modulate"
-    B, L, D = _check_rows(op, x)
-    m = _check_mods(op, x, shift=shift, scale=scale)
-    x = unit_last_stride(x)
-    out = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
-    _launch_ln_modulate(x, (m["shift"], m["scale"]), None, out, None)
-    return out
+    return _ln_modulate("ln_modulate", x, shift, scale, fp8=False)[0]
 
 
 def ln_modulate2(x, shift1, scale1, shift2, scale2) -> tuple[torch.Tensor, torch.Tensor]:
     """One LayerNorm of x, two modulations: (LN(x)*(1+scale1)+shift1, LN(x)*(1+scale2)+shift2)."""
-    op = "ln_modulate2"
-    B, L, D = _check_rows(op, x)
-    m = _check_mods(op, x, shift1=shift1, scale1=scale1, shift2=shift2, scale2=scale2)
-    x = unit_last_stride(x)
-    out1 = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
-    out2 = torch.empty_like(out1)
-    _launch_ln_modulate(x, (m["shift1"], m["scale1"]), (m["shift2"], m["scale2"]), out1, out2)
-    return out1, out2
-
-
-def _launch_ln_modulate(x, mod1, mod2, out1, out2):
-    B, L, D = x.shape
-    if out1.numel() == 0:
-        return
-    block_d, num_warps = _row_launch(D)
-    two = mod2 is not None
-    shift2, scale2 = mod2 if two else mod1  # unused placeholders when TWO is off
-    out2 = out2 if two else out1
-    args = (
-        x, mod1[0], mod1[1], shift2, scale2, out1, out2,
-        L, D,
-        x.stride(0), x.stride(1), mod1[0].stride(0), mod1[1].stride(0), shift2.stride(0), scale2.stride(0),
-        out1.stride(0), out1.stride(1),
-        EPS,
-    )  # fmt: skip
-    launch(_ln_modulate_kernel, (B * L,), args, dict(TWO=two, BLOCK_D=block_d, num_warps=num_warps), x.device)
+    return _ln_modulate2("ln_modulate2", x, shift1, scale1, shift2, scale2, fp8=False)[:2]
 
 
 def gated_residual_ln_modulate(x, y, gate, shift, scale, y2=None, gate2=None) -> tuple[torch.Tensor, torch.Tensor]:
     """x_new = x + gate*y (+ gate2*y2), rounded to x's dtype; h = LN(x_new)*(1+scale)+shift. Returns (x_new, h)."""
-    op = "gated_residual_ln_modulate"
-    if (y2 is None) != (gate2 is None):
-        raise ValueError(f"{op}: y2 and gate2 must be given together")
-    B, L, D = _check_rows(op, x)
-    y = _check_like_x(op, "y", x, y)
-    mods = dict(gate=gate, shift=shift, scale=scale)
-    if y2 is not None:
-        y2 = _check_like_x(op, "y2", x, y2)
-        mods["gate2"] = gate2
-    m = _check_mods(op, x, **mods)
-    x = unit_last_stride(x)
-    x_new = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
-    h = torch.empty_like(x_new)
-    _launch_gated_residual(x, y, m["gate"], y2, m.get("gate2"), (m["shift"], m["scale"]), x_new, h)
-    return x_new, h
+    return _gated_residual_ln_modulate("gated_residual_ln_modulate", x, y, gate, shift, scale, y2, gate2, fp8=False)[:2]
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -244,7 +199,96 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     return out
 
 
-def _launch_gated_residual(x, y, gate, y2, gate2, mod, x_new, h):
+# FP8 out: the same passes, also writing the rows that feed FP8 GEMMs quantized (fastsd35.quantization.quantize_rows).
+
+
+def ln_modulate_fp8(x, shift, scale):
+    """`ln_modulate`, and its output quantized per row in the same pass: (y, (q, s)) with y ~ q.float() * s."""
+    return _ln_modulate("ln_modulate_fp8", x, shift, scale, fp8=True)
+
+
+def ln_modulate2_fp8(x, shift1, scale1, shift2, scale2):
+    """`ln_modulate2`, and both outputs quantized per row in the same pass: (y1, y2, (q1, s1), (q2, s2))."""
+    return _ln_modulate2("ln_modulate2_fp8", x, shift1, scale1, shift2, scale2, fp8=True)
+
+
+def gated_residual_ln_modulate_fp8(x, y, gate, shift, scale, y2=None, gate2=None):
+    """`gated_residual_ln_modulate`, and h quantized per row in the same pass: (x_new, h, (q, s))."""
+    return _gated_residual_ln_modulate("gated_residual_ln_modulate_fp8", x, y, gate, shift, scale, y2, gate2, fp8=True)
+
+
+def _fp8_rows(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn rows like `out`, fp32 scales (B, L, 1)) to be written beside `out`."""
+    B, L, _ = out.shape
+    return torch.empty(out.shape, dtype=torch.float8_e4m3fn, device=out.device), \
+        torch.empty((B, L, 1), dtype=torch.float32, device=out.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One checked path per kernel for both output kinds; `fp8` adds the quantized rows (None otherwise).
+
+
+def _ln_modulate(op, x, shift, scale, fp8: bool):
+    B, L, D = _check_rows(op, x)
+    m = _check_mods(op, x, shift=shift, scale=scale)
+    x = unit_last_stride(x)
+    out = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    rows = _fp8_rows(out) if fp8 else None
+    _launch_ln_modulate(x, (m["shift"], m["scale"]), None, out, None, rows, None)
+    return out, rows
+
+
+def _ln_modulate2(op, x, shift1, scale1, shift2, scale2, fp8: bool):
+    B, L, D = _check_rows(op, x)
+    m = _check_mods(op, x, shift1=shift1, scale1=scale1, shift2=shift2, scale2=scale2)
+    x = unit_last_stride(x)
+    out1 = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    out2 = torch.empty_like(out1)
+    rows1, rows2 = (_fp8_rows(out1), _fp8_rows(out2)) if fp8 else (None, None)
+    _launch_ln_modulate(x, (m["shift1"], m["scale1"]), (m["shift2"], m["scale2"]), out1, out2, rows1, rows2)
+    return out1, out2, rows1, rows2
+
+
+def _gated_residual_ln_modulate(op, x, y, gate, shift, scale, y2, gate2, fp8: bool):
+    if (y2 is None) != (gate2 is None):
+        raise ValueError(f"{op}: y2 and gate2 must be given together")
+    B, L, D = _check_rows(op, x)
+    y = _check_like_x(op, "y", x, y)
+    mods = dict(gate=gate, shift=shift, scale=scale)
+    if y2 is not None:
+        y2 = _check_like_x(op, "y2", x, y2)
+        mods["gate2"] = gate2
+    m = _check_mods(op, x, **mods)
+    x = unit_last_stride(x)
+    x_new = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x_new)
+    rows = _fp8_rows(h) if fp8 else None
+    _launch_gated_residual(x, y, m["gate"], y2, m.get("gate2"), (m["shift"], m["scale"]), x_new, h, rows)
+    return x_new, h, rows
+
+
+def _launch_ln_modulate(x, mod1, mod2, out1, out2, fp8_1=None, fp8_2=None):
+    B, L, D = x.shape
+    if out1.numel() == 0:
+        return
+    block_d, num_warps = _row_launch(D)
+    two = mod2 is not None
+    shift2, scale2 = mod2 if two else mod1  # unused placeholders when TWO is off
+    out2, fp8_2 = (out2, fp8_2) if two else (out1, fp8_1)
+    args = (
+        x, mod1[0], mod1[1], shift2, scale2, out1, out2,
+        L, D,
+        x.stride(0), x.stride(1), mod1[0].stride(0), mod1[1].stride(0), shift2.stride(0), scale2.stride(0),
+        out1.stride(0), out1.stride(1),
+        EPS,
+    )  # fmt: skip
+    meta = dict(TWO=two, BLOCK_D=block_d, num_warps=num_warps)
+    if fp8_1 is not None:
+        meta.update(Q1=fp8_1[0], S1=fp8_1[1], Q2=fp8_2[0], S2=fp8_2[1], FP8_OUT=True)
+    launch(_ln_modulate_kernel, (B * L,), args, meta, x.device)
+
+
+def _launch_gated_residual(x, y, gate, y2, gate2, mod, x_new, h, fp8=None):
     B, L, D = x.shape
     if x_new.numel() == 0:
         return
@@ -262,6 +306,8 @@ def _launch_gated_residual(x, y, gate, y2, gate2, mod, x_new, h):
         EPS,
     )  # fmt: skip
     meta = dict(HAS_Y2=has_y2, NORM=norm, BLOCK_D=block_d, num_warps=num_warps)
+    if fp8 is not None:
+        meta.update(Q=fp8[0], S=fp8[1], FP8_OUT=True)
     launch(_gated_residual_ln_modulate_kernel, (B * L,), args, meta, x.device)
 
 
@@ -283,92 +329,3 @@ def _report_rows(dtype: torch.dtype) -> None:
                 ln_modulate2_fp8(x, mods[0], mods[1], mods[6], mods[7])
                 gated_residual_ln_modulate_fp8(x, y, mods[2], mods[3], mods[4])
                 gated_residual_ln_modulate_fp8(x, y, mods[2], mods[3], mods[4], y2, mods[8])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# FP8 out: the same passes, also writing the rows that feed FP8 GEMMs quantized (fastsd35.quantization.quantize_rows).
-
-
-def _fp8_rows(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8_e4m3fn rows like `out`, fp32 scales (B, L, 1)) to be written beside `out`."""
-    B, L, _ = out.shape
-    return torch.empty(out.shape, dtype=torch.float8_e4m3fn, device=out.device), \
-        torch.empty((B, L, 1), dtype=torch.float32, device=out.device)
-
-
-def ln_modulate_fp8(x, shift, scale):
-    """`ln_modulate`, and its output quantized per row in the same pass: (y, (q, s)) with y ~ q.float() * s."""
-    op = "ln_modulate_fp8"
-    B, L, D = _check_rows(op, x)
-    m = _check_mods(op, x, shift=shift, scale=scale)
-    x = unit_last_stride(x)
-    out = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
-    q, s = _fp8_rows(out)
-    _launch_ln_modulate_fp8(x, (m["shift"], m["scale"]), None, out, None, (q, s), None)
-    return out, (q, s)
-
-
-def ln_modulate2_fp8(x, shift1, scale1, shift2, scale2):
-    """`ln_modulate2`, and both outputs quantized per row in the same pass: (y1, y2, (q1, s1), (q2, s2))."""
-    op = "ln_modulate2_fp8"
-    B, L, D = _check_rows(op, x)
-    m = _check_mods(op, x, shift1=shift1, scale1=scale1, shift2=shift2, scale2=scale2)
-    x = unit_last_stride(x)
-    out1 = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
-    out2 = torch.empty_like(out1)
-    fp8_1, fp8_2 = _fp8_rows(out1), _fp8_rows(out2)
-    _launch_ln_modulate_fp8(x, (m["shift1"], m["scale1"]), (m["shift2"], m["scale2"]), out1, out2, fp8_1, fp8_2)
-    return out1, out2, fp8_1, fp8_2
-
-
-def _launch_ln_modulate_fp8(x, mod1, mod2, out1, out2, fp8_1, fp8_2):
-    B, L, D = x.shape
-    if out1.numel() == 0:
-        return
-    block_d, num_warps = _row_launch(D)
-    two = mod2 is not None
-    shift2, scale2 = mod2 if two else mod1  # unused placeholders when TWO is off
-    out2, fp8_2 = (out2, fp8_2) if two else (out1, fp8_1)
-    args = (
-        x, mod1[0], mod1[1], shift2, scale2, out1, out2,
-        L, D,
-        x.stride(0), x.stride(1), mod1[0].stride(0), mod1[1].stride(0), shift2.stride(0), scale2.stride(0),
-        out1.stride(0), out1.stride(1),
-        EPS,
-    )  # fmt: skip
-    meta = dict(TWO=two, BLOCK_D=block_d, num_warps=num_warps,
-                Q1=fp8_1[0], S1=fp8_1[1], Q2=fp8_2[0], S2=fp8_2[1], FP8_OUT=True)  # fmt: skip
-    launch(_ln_modulate_kernel, (B * L,), args, meta, x.device)
-
-
-def gated_residual_ln_modulate_fp8(x, y, gate, shift, scale, y2=None, gate2=None):
-    """`gated_residual_ln_modulate`, and h quantized per row in the same pass: (x_new, h, (q, s))."""
-    op = "gated_residual_ln_modulate_fp8"
-    if (y2 is None) != (gate2 is None):
-        raise ValueError(f"{op}: y2 and gate2 must be given together")
-    B, L, D = _check_rows(op, x)
-    y = _check_like_x(op, "y", x, y)
-    mods = dict(gate=gate, shift=shift, scale=scale)
-    if y2 is not None:
-        y2 = _check_like_x(op, "y2", x, y2)
-        mods["gate2"] = gate2
-    m = _check_mods(op, x, **mods)
-    x = unit_last_stride(x)
-    x_new = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
-    h = torch.empty_like(x_new)
-    q, s = _fp8_rows(h)
-    if x_new.numel():
-        has_y2 = y2 is not None
-        block_d, num_warps = _row_launch(D)
-        y2_, gate2_ = (y2, m["gate2"]) if has_y2 else (y, m["gate"])  # placeholders when HAS_Y2 is off
-        args = (
-            x, y, m["gate"], y2_, gate2_, m["shift"], m["scale"], x_new, h,
-            L, D,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), y2_.stride(0), y2_.stride(1),
-            m["gate"].stride(0), gate2_.stride(0), m["shift"].stride(0), m["scale"].stride(0), x_new.stride(0),
-            x_new.stride(1),
-            EPS,
-        )  # fmt: skip
-        meta = dict(HAS_Y2=has_y2, NORM=True, BLOCK_D=block_d, num_warps=num_warps, Q=q, S=s, FP8_OUT=True)
-        launch(_gated_residual_ln_modulate_kernel, (B * L,), args, meta, x.device)
-    return x_new, h, (q, s)
