@@ -178,3 +178,17 @@ def test_header_length_that_looks_like_a_pickle_magic(tmp_path, length):
             break
     assert int.from_bytes(path.read_bytes()[:8], "little") == length
     assert list(safetensors_header(path)) == ["w"]
+
+
+def test_truncated_by_a_few_bytes_at_every_boundary(tmp_path):
+    """Cut at the boundaries where an off-by-one would hide: the last byte of the data, the last few, the header's
+    last byte, inside the 8-byte length; each is a CheckpointError naming the file, never a load of short data."""
+    path = official_file(tmp_path, make_model(TINY_CONFIGS["sd3"]))
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    for keep in (len(data) - 1, len(data) - 7, header_end, header_end - 1, 9, 5, 0):
+        path.write_bytes(data[:keep])
+        with pytest.raises(CheckpointError, match=r"sd3_tiny\.safetensors: "):
+            safetensors_header(path)
+    path.write_bytes(data)
+    assert safetensors_header(path)  # the whole file is fine
