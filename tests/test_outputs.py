@@ -203,3 +203,29 @@ def test_cli_interrupted_run_leaves_another_runs_folder(tmp_path, cli_run, monke
     status, err = cli_run("--out", out)
     assert status == 130 and err == ["fastsd35: interrupted"]
     assert leftovers(out) == ["other-run.png"]
+
+
+def test_limits_at_their_exact_boundaries(tmp_path, monkeypatch):
+    """A name of exactly NAME_MAX bytes (counting the "-9999" a repeated name may get) fits and one more byte does
+    not; a path one byte under PATH_MAX fits and PATH_MAX itself does not (it needs the terminating NUL); free space
+    equal to what is needed is enough and one byte less is not."""
+    monkeypatch.setattr(outputs, "_pathconf", lambda path, name, default: {"PC_NAME_MAX": 40, "PC_PATH_MAX": 4096}[name])
+    fits = "x" * (40 - len("-9999.png")) + ".png"
+    check_output(tmp_path, [fits], False, 0)
+    with pytest.raises(FastSD35Error, match="longer than the file system's limit of 40 bytes"):
+        check_output(tmp_path, ["x" + fits], False, 0)
+    room = 4096 - len(os.fsencode(str(tmp_path.absolute()))) - 1  # bytes left for "/" + the longest name
+    monkeypatch.setattr(outputs, "_pathconf", lambda path, name, default: {"PC_NAME_MAX": 4096, "PC_PATH_MAX": 4096}[name])
+    name = "y" * (room - 1 - len("-9999.png")) + ".png"
+    check_output(tmp_path, [name], False, 0)  # the full path is 4095 bytes
+    with pytest.raises(FastSD35Error, match="its path is longer than the system's limit"):
+        check_output(tmp_path, ["y" + name], False, 0)
+    need = 3 * png_size_bound(64, 48)
+    free = need + outputs.FREE_SPACE_MARGIN
+    for available, ok in ((free, True), (free - 1, False)):
+        monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p, a=available: shutil._ntuple_diskusage(1 << 40, 0, a))
+        if ok:
+            check_output(tmp_path, NAMES, False, need)
+        else:
+            with pytest.raises(FastSD35Error, match="not enough free space"):
+                check_output(tmp_path, NAMES, False, need)
