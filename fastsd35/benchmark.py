@@ -53,7 +53,7 @@ from typing import Callable
 import torch
 
 from . import __version__, kernels
-from .benchmark_cases import MODELS, NOT_INTERPRETED, PARTS, Case, Contender, Skip, build_cases
+from .benchmark_cases import MODELS, NOT_INTERPRETED, PARTS, Case, Contender, Failed, Skip, build_cases
 from .errors import FastSD35Error
 
 GIB = 1 << 30
@@ -71,6 +71,7 @@ SCHEDULES = {  # part -> (full, quick)
     "kernels": (Schedule(25, 3, 0.005), Schedule(8, 1, 0.002)),
     "transformer": (Schedule(10, 1), Schedule(3)),
     "e2e": (Schedule(3), Schedule(1)),
+    "multigpu": (Schedule(3), Schedule(1)),
 }
 
 
@@ -224,7 +225,7 @@ class Result:
     iterations: int = 0
     peak_bytes: int | None = None
     skipped: str | None = None
-    error: str | None = None  # its outputs were not finite or did not agree with the case's reference
+    error: str | None = None  # its outputs were not finite or disagreed with the reference, or it Failed
     first_s: float | None = None  # the first call: compilation, autotuning, capture
     extra: dict = field(default_factory=dict)
 
@@ -254,7 +255,9 @@ def run_contender(case: Case, contender: Contender, inputs, *, device, quick=Fal
             del first
             iterations = plan_iterations(prepared.fn, sched.min_round_s)
             samples = timer(prepared.fn, rounds=sched.rounds, warmup_rounds=sched.warmup_rounds, iterations=iterations)
-            if device.type == "cuda":
+            if prepared.peak_bytes is not None:
+                result.peak_bytes = prepared.peak_bytes()
+            elif device.type == "cuda":
                 result.peak_bytes = torch.cuda.max_memory_allocated(device)
             result.extra.update(prepared.extra)
             if samples is None:
@@ -272,7 +275,7 @@ def run_contender(case: Case, contender: Contender, inputs, *, device, quick=Fal
                 result.extra["stages_ms"] = {k: 1e3 * statistics.median(t[k] for t in timed) for k in timed[0]}
     except Skip as e:
         result.skipped = str(e)
-    except Mismatch as e:
+    except (Mismatch, Failed) as e:
         result.error = str(e)
     except torch.cuda.OutOfMemoryError:
         result.skipped = "out of GPU memory"
@@ -364,6 +367,8 @@ def result_record(case: Case, r: Result, baselines: dict[str, float]) -> dict:
     seconds = r.median_s
     if case.rate_stage:
         seconds = r.extra.get("stages_ms", {}).get(case.rate_stage, 0) / 1e3 or None
+    if case.images:
+        out["images_per_s"] = case.images / r.median_s
     if case.flops and seconds:
         out["tflop_s"] = case.flops / seconds / 1e12
     elif case.bytes and seconds:
@@ -421,7 +426,8 @@ def format_table(record: dict) -> str:
                 why = f"FAILED: {r['error']}" if "error" in r else f"skipped: {r['skipped']}"
                 rows.append((title, shape_text(case["shape"]), r["contender"], "-", "-", "-", why))
                 continue
-            rate = f"{r['tflop_s']:.3g} TFLOP/s" if "tflop_s" in r else f"{r['gb_s']:.3g} GB/s" if "gb_s" in r else "-"
+            rate = (f"{r['tflop_s']:.3g} TFLOP/s" if "tflop_s" in r else f"{r['gb_s']:.3g} GB/s" if "gb_s" in r
+                    else f"{r['images_per_s']:.3g} images/s" if "images_per_s" in r else "-")  # fmt: skip
             peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
             ratios = ", ".join(f"{v:.2f}x {b}" for b, v in r["ratios"].items())
             vs = "baseline" + (f" ({ratios})" if ratios else "") if r["baseline"] else ratios or "-"

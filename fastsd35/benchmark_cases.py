@@ -29,7 +29,7 @@ import torch.nn as nn
 from . import kernels
 from .model import CONFIGS, FREQ_DIM, HEAD_DIM, FastMMDiTX, MMDiTX, MMDiTXConfig
 
-PARTS = ("kernels", "transformer", "e2e")
+PARTS = ("kernels", "transformer", "e2e", "multigpu")
 MODELS = {"large": "sd3.5_large", "medium": "sd3.5_medium"}
 REDUCED = {  # the CPU's stand-ins: the released structure (qk-norm; MMDiT-X blocks for medium) at depth 3
     "large": MMDiTXConfig(depth=3, pos_embed_max_size=32, qk_norm="rms"),
@@ -47,6 +47,10 @@ NOT_INTERPRETED = "Triton's interpreter is not timed"
 
 class Skip(Exception):
     """A contender that cannot run here; the message is the reason recorded in the results."""
+
+
+class Failed(Exception):
+    """A contender that broke while running (e.g. a worker process raised or died): its result's error."""
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -70,6 +74,7 @@ class Prepared:
     outputs: Callable[[object], list[torch.Tensor]] = _tensors
     calls: int = 1
     eager: Callable[[], object] | None = None
+    peak_bytes: Callable[[], int | None] | None = None  # work done in other processes: their peak GPU memory
 
 
 @dataclass
@@ -81,7 +86,7 @@ class Contender:
 
 @dataclass
 class Case:
-    part: str  # "kernels", "transformer" or "e2e"
+    part: str  # one of PARTS
     name: str  # the op, "step", or the preset
     model: str  # "large", "medium", "tiny"
     shape: dict
@@ -91,6 +96,7 @@ class Case:
     bytes: int | None = None  # ... else GB/s when given
     rate_stage: str | None = None  # the rate's time: this stage's median (end to end: "sample") instead of the call's
     tag: str = ""  # tells apart the cases of one model and name ("ctx333", "B1")
+    images: int | None = None  # images per call: the rate is images/s (many GPUs)
 
     @property
     def id(self) -> str:
@@ -599,8 +605,10 @@ def build_cases(device, parts=PARTS, models=tuple(MODELS), dtype=None, full: boo
     for part in PARTS:
         if part not in parts:
             continue
-        if part == "e2e":
-            cases += e2e_cases(device, dtype, full)
+        if part in ("e2e", "multigpu"):
+            from .benchmark_multi import multi_gpu_cases
+
+            cases += e2e_cases(device, dtype, full) if part == "e2e" else multi_gpu_cases(device)
             continue
         for model in models:
             geo = geometry(model, device, dtype, full)
