@@ -38,7 +38,7 @@ from .benchmark_cases import PROMPT, Case, Contender, Failed, Prepared, Skip
 
 MIN_GPUS = 2
 CFG_STEPS = 8  # the CFG-parallel case's steps on CUDA: SD3.5 Large's 40 would take minutes per contender
-CPU_SETTINGS = (("steps", 2), ("width", 64), ("height", 48))  # CPU workers (tests): the tiny preset, made smaller
+CPU_SETTINGS = (("steps", 3), ("width", 96), ("height", 64))  # CPU workers (tests): the tiny preset, made smaller
 TIMEOUT_S = {"cuda": 900.0, "cpu": 60.0}  # the longest wait for a worker (building, one run) and at a collective
 POLL_S = 0.2  # how often a wait looks at the workers
 GRACE_S = 2.0  # after a failure, how long to collect the other workers' reports (to name the first cause)
@@ -281,7 +281,7 @@ def multi_gpu_cases(device, cpu_workers: int | None = None, start_method: str = 
     """Data parallel (2 x the GPU count images of the large_turbo preset, one prompt each, as images/s at 1, 2, 4,
     ... GPUs) and CFG-parallel (one image of the large preset, cfg 4.5, at CFG_STEPS steps: one GPU batched, one GPU
     with split passes, a pair). Full-size random weights on CUDA, with every visible GPU. `cpu_workers` (tests): that
-    many CPU processes over gloo stand in for GPUs on the tiny preset (64x48, 2 steps), started by `start_method`."""
+    many CPU processes over gloo stand in for GPUs on the tiny preset (96x64, 3 steps), started by `start_method`."""
     from .presets import get_preset
 
     device = torch.device(device)

@@ -135,7 +135,7 @@ def test_worker_pools_on_the_cpu(warm):
     assert [c.name for c in dp.contenders] == ["1 process", "2 processes"]
 
     records, images = run_case(dp)
-    assert images["1 process"].shape == (4, 48, 64, 3) and images["1 process"].dtype == torch.uint8
+    assert images["1 process"].shape == (4, 64, 96, 3) and images["1 process"].dtype == torch.uint8
     assert len({images["1 process"][i].sum().item() for i in range(4)}) == 4  # four different pictures
     assert torch.equal(images["2 processes"], images["1 process"])
     two = records["2 processes"]
