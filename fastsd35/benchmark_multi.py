@@ -6,10 +6,11 @@ GPU, joined by torch.distributed (`distributed.init`: NCCL on CUDA, gloo on CPUs
 (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK). Each builds the end-to-end case's components (full-size random
 weights on CUDA, the same seeds, hence the same weights, on every rank; the tiny preset on CPUs) and a `Pipeline`,
 says it is ready, then waits for commands. A timed call sends "run" to every worker: each generates its share of the
-plan with `distributed.generate`, rank 0 gathers the kept images (the writer ranks') and hands them back to the
-benchmark in plan order, so `OutputCheck` compares the contenders: data parallel must give the 1-GPU images, and
-CFG-parallel those of one GPU running the two passes one after the other (`CFGDenoiser(split=True)`: bit for bit on
-CPUs; the default batched [cond, uncond] run differs in the last bits).
+plan with `distributed.generate` and rank 0 gathers the kept images (the writer ranks'), as the CLI's writer does.
+The first call's images come back to the benchmark in plan order, so that `OutputCheck` compares the contenders
+(the timed calls leave them on rank 0): data parallel must give the 1-GPU images, and CFG-parallel those of one GPU
+running the two passes one after the other (`CFGDenoiser(split=True)`, the case's first contender: bit for bit on
+CPUs); the default batched [cond, uncond] run differs in the last bits, within the check's tolerance.
 
 Every wait is bounded and watches the workers: a worker that raises, dies or goes silent past the timeout makes the
 contender `Failed` (its result's `error`), and the pool is torn down (stragglers terminated, then killed) whatever
@@ -68,10 +69,11 @@ class PoolSpec:
 def _worker(spec: PoolSpec, rank: int, port: int, commands, replies):
     """One rank: join the job, build the pipeline, say "ready", then one share of the plan per "run" until None.
     Whatever stops it early is reported to the benchmark ("skip", "lost" contact, "error") before it exits 1."""
+    parent = os.getppid()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(spec.world_size), LOCAL_WORLD_SIZE=str(spec.world_size))  # fmt: skip
     try:
-        _serve(spec, rank, commands, replies)
+        _serve(spec, rank, commands, replies, parent)
         return
     except Skip as e:
         replies.put(("skip", rank, str(e)))
@@ -85,7 +87,7 @@ def _worker(spec: PoolSpec, rank: int, port: int, commands, replies):
     sys.exit(1)
 
 
-def _serve(spec: PoolSpec, rank: int, commands, replies):
+def _serve(spec: PoolSpec, rank: int, commands, replies, parent: int):
     from .benchmark_cases import _e2e_components, _need_triton
     from .model import FastMMDiTX
     from .runner import Pipeline
@@ -102,7 +104,8 @@ def _serve(spec: PoolSpec, rank: int, commands, replies):
             pipe = Pipeline(parts.transformer, parts.vae, parts.text, spec.preset, graphs=spec.cuda)
             kwargs = dict(spec.settings, seed=spec.seed, progress=False)
             replies.put(("ready", rank, parts.note))
-            while commands.get() is not None:
+            while (command := _next_command(commands, parent)) is not None:
+                _, send = command
                 if rank == spec.fail_rank:
                     raise RuntimeError(f"planted failure on rank {rank}")
                 if spec.split:  # distributed.generate picks the denoiser itself: the batched one for one process
@@ -115,13 +118,23 @@ def _serve(spec: PoolSpec, rank: int, commands, replies):
                 gathered = [None] * ranks.world_size if rank == 0 else None
                 distributed._collective("sending images to rank 0", dist.gather_object,
                                         (mine if ranks.writer else [], peak), gathered, dst=0, group=ranks.control)
-                if rank == 0:
+                if rank == 0:  # the images reach rank 0 every time, as the CLI's writer gets them; the benchmark once
                     units = sorted((unit for images, _ in gathered for unit in images), key=lambda unit: unit[0])
-                    peaks = [p for _, p in gathered if p is not None]
-                    replies.put(("images", 0, [j for j, _ in units], np.concatenate([im for _, im in units]),
-                                 max(peaks, default=None)))  # fmt: skip
+                    images = np.concatenate([im for _, im in units]) if send else None
+                    peak = max((p for _, p in gathered if p is not None), default=None)
+                    replies.put(("images", 0, [j for j, _ in units], images, peak))
     finally:
         distributed.close()
+
+
+def _next_command(commands, parent: int):
+    """The benchmark's next command; None (stop) also when the benchmark process is gone (this one was reparented)."""
+    while True:
+        try:
+            return commands.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
 
 
 # -- the pool -----------------------------------------------------------------------------------------------------
@@ -152,10 +165,11 @@ class Pool:
             p.start()
         return self._wait("ready", set(range(self.spec.world_size)), "building the pipeline")[0][0]
 
-    def run(self):
-        """One pass over the plan: (the images in plan order, uint8 (N, H, W, 3); the workers' peak GPU bytes)."""
+    def run(self, send: bool = True):
+        """One pass over the plan: (the images in plan order, uint8 (N, H, W, 3), or None unless `send`; the workers'
+        peak GPU bytes)."""
         for q in self.commands:
-            q.put("run")
+            q.put(("run", send))
         order, images, peak = self._wait("images", {0}, "generating")[0]
         if order != list(range(len(self.spec.prompts))):
             raise Failed(f"rank 0 returned images {order}, not one per prompt in order")
@@ -246,10 +260,10 @@ def _pool_contender(spec: PoolSpec, inputs=None):
         note = pool.start()
         peaks = []
 
-        def fn():
-            images, peak = pool.run()
+        def fn():  # the first call's images are checked; later calls leave them on rank 0 (no copy to this process)
+            images, peak = pool.run(send=not peaks)
             peaks.append(peak)
-            return torch.from_numpy(images)
+            return None if images is None else torch.from_numpy(images)
 
         extra = {"processes": spec.world_size, "images": len(spec.prompts), "text_encoders": note}
         yield Prepared(fn, extra, peak_bytes=lambda: max(peaks, default=None) if spec.cuda else None)
@@ -326,10 +340,10 @@ def multi_gpu_cases(device, cpu_workers: int | None = None, start_method: str = 
     shape = dict(images=1, preset=cfg_preset.name, size=f"{s.width}x{s.height}", steps=s.steps, cfg=s.cfg)
     if cuda:
         shape["preset_steps"] = cfg_preset.resolve().steps  # the steps are cut to bound the time
-    cfg_case = Case("multigpu", "cfg_parallel", model, shape, [
-        contender(name(1), one, baseline=True),
-        contender(name(1, ", split passes"), replace(one, split=True), baseline=True),
+    cfg_case = Case("multigpu", "cfg_parallel", model, shape, [  # the outputs are checked against the first one's:
+        contender(name(1, ", split passes"), replace(one, split=True), baseline=True),  # what the pair computes
         contender(name(2, " cfg-parallel"), replace(one, world_size=2, cfg_parallel=True)),
+        contender(name(1), one, baseline=True),  # batched [cond, uncond]: other roundings (within the tolerance)
     ], nullcontext, images=1)  # fmt: skip
     return [dp_case, cfg_case]
 
