@@ -182,7 +182,7 @@ class Pool:
             try:
                 what, rank, *payload = self.replies.get(timeout=POLL_S)
             except queue.Empty:
-                if any(p.exitcode is not None for p in self.procs):  # died without a word (killed, or its report is late)
+                if any(p.exitcode is not None for p in self.procs):  # died: killed, or its report is on its way
                     self._fail([])
                 if time.monotonic() > deadline:
                     missing = sorted(ranks - set(got))
@@ -211,7 +211,8 @@ class Pool:
             except (queue.Empty, OSError, ValueError):
                 break
         said = {rank for _, rank, *_ in reports}
-        by_kind = {kind: [(rank, msg) for what, rank, msg, *_ in reports if what == kind] for kind in ("skip", "error", "lost")}
+        by_kind = {kind: [(rank, msg) for what, rank, msg, *_ in reports if what == kind]
+                   for kind in ("skip", "error", "lost")}
         if by_kind["skip"]:
             rank, why = by_kind["skip"][0]
             raise Skip(why)
@@ -305,7 +306,8 @@ def multi_gpu_cases(device, cpu_workers: int | None = None, start_method: str = 
     reason = None
     if gpus < MIN_GPUS:  # the cases as a GPU machine runs them, every contender skipped
         visible = torch.cuda.device_count()
-        where = f"this machine has {visible}" if device.type == "cuda" or visible < MIN_GPUS else f"this run is on {device.type}"
+        on_cpu = device.type != "cuda" and visible >= MIN_GPUS
+        where = f"this run is on {device.type}" if on_cpu else f"this machine has {visible}"
         reason = f"needs {MIN_GPUS} or more CUDA GPUs; {where}"
     cuda = not cpu_workers
     units = ("GPU", "GPUs") if cuda else ("process", "processes")
@@ -317,7 +319,8 @@ def multi_gpu_cases(device, cpu_workers: int | None = None, start_method: str = 
         build = partial(_skipped, reason) if reason else partial(_pool_contender, spec)
         return Contender(label, build, baseline)
 
-    common = dict(cuda=cuda, timeout_s=TIMEOUT_S["cuda" if cuda else "cpu"], start_method="spawn" if cuda else start_method)
+    common = dict(cuda=cuda, timeout_s=TIMEOUT_S["cuda" if cuda else "cpu"],
+                  start_method="spawn" if cuda else start_method)
     settings = () if cuda else CPU_SETTINGS
     model = "large" if cuda else "tiny"
 

@@ -16,6 +16,7 @@ import os
 import signal
 import time
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -118,8 +119,8 @@ def test_cli_bench_only_multigpu_on_the_cpu(tmp_path):
         assert cli.main(["bench", "--only", "multigpu", "--quick", "--out", str(tmp_path)]) == 0
     table = stdout.getvalue().splitlines()
     rows = [line for line in table if line.startswith("multigpu ")]
-    assert len(rows) == 5 and all(line.endswith("skipped: needs 2 or more CUDA GPUs; this machine has 0") for line in rows)
-    assert [line.split()[:2] for line in rows] == [["multigpu", "data_parallel"]] * 2 + [["multigpu", "cfg_parallel"]] * 3
+    assert [line.split()[1] for line in rows] == ["data_parallel"] * 2 + ["cfg_parallel"] * 3
+    assert all(line.endswith("skipped: needs 2 or more CUDA GPUs; this machine has 0") for line in rows)
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert [(c["part"], c["id"]) for c in record["cases"]] == [("multigpu", "large-data_parallel"),
                                                                ("multigpu", "large-cfg_parallel")]  # fmt: skip
@@ -154,7 +155,7 @@ def test_worker_pools_on_the_cpu(warm):
 def test_a_failing_worker_is_the_contenders_error(warm):
     case = bm.multi_gpu_cases("cpu", cpu_workers=2, start_method="fork")[0]
     spec = case.contenders[1].build.args[0]
-    failing = bc.Contender("2 processes", bm.partial(bm._pool_contender, replace(spec, fail_rank=1)))
+    failing = bc.Contender("2 processes", partial(bm._pool_contender, replace(spec, fail_rank=1)))
     start = time.monotonic()
     result = fb.run_contender(case, failing, None, device="cpu", quick=True)
     assert time.monotonic() - start < BOUND_S
