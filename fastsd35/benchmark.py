@@ -1,6 +1,6 @@
-"""Benchmarks: each kernel, the transformer step and a whole generation, timed the same way by the pytest-benchmark
-suite (bench/) and by `fastsd35 bench`. What is measured lives in `fastsd35.benchmark_cases`; this module times it,
-keeps the results and reports them.
+"""Benchmarks: each kernel, the transformer step, a whole generation and many GPUs, timed the same way by the
+pytest-benchmark suite (bench/) and by `fastsd35 bench`. What is measured lives in `fastsd35.benchmark_cases` (many
+GPUs: `fastsd35.benchmark_multi`); this module times it, keeps the results and reports them.
 
 Timing. A figure is the median of `rounds` samples. A round is `iterations` back-to-back calls between two readings of
 `synchronized_timer` (torch.cuda.synchronize(), when CUDA is in use, then time.perf_counter()); a sample is the round's
@@ -26,7 +26,9 @@ of the case (a baseline) within a tolerance for their dtype. A failed check is r
 fails its pytest-benchmark test, and makes `fastsd35 bench` exit 1: a figure for a different computation is no figure.
 
 Each contender is built on entry and freed on exit, one at a time; its peak memory is
-`torch.cuda.max_memory_allocated()` over its calls (weights included), after `reset_peak_memory_stats()`.
+`torch.cuda.max_memory_allocated()` over its calls (weights included), after `reset_peak_memory_stats()` (many GPUs:
+the largest of its worker processes'). A contender that breaks while running (`Failed`: a worker process raised or
+died) is recorded as an error too.
 
 Every figure is compared with the baselines measured in the same run: `ratios[b]` = median of baseline b / median of
 the contender (above 1: faster than b). Results go to `<out>/<device-slug>.json` with the device name, versions,
