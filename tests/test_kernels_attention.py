@@ -90,6 +90,10 @@ def load_style(request, monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_joint_attention(case, dtype, load_style):
     B, H, L, Dh, n_ctx = case
+    if dtype == torch.float32 and Dh > kern.FP32_MAX_HEAD_DIM and not kern.INTERPRET:
+        with pytest.raises(ValueError, match="fp32 supports head dims up to 64 on a GPU"):
+            check(*qkv(B, H, L, Dh, dtype), n_ctx)
+        return
     check(*qkv(B, H, L, Dh, dtype), n_ctx)
     assert kern._joint_attention_kernel.best_config.kwargs["USE_TMA"] == (load_style == "tma")
 
@@ -114,7 +118,8 @@ def _named_args(q, Dh):
 
 def test_configs_per_arch():
     """sm_80 gets pointer loads only, without the 32-rows-per-warp tiles (255 registers there); sm_90 gets them all
-    plus the TMA forms; fp32 and Dh 128 keep to 16 rows per warp and key tiles of at most 64, with 8 warps on sm_80."""
+    plus the TMA forms; Dh 128 keeps to 16 rows per warp and key tiles of at most 64, with 8 warps on sm_80; fp32
+    gets exactly its own spill-free list per arch (sm_86 and sm_89 that of sm_80), pointer loads only."""
     configs = kern._configs_for
     q16 = torch.empty(2, 4, 256, 64, dtype=torch.float16)
     sm80, sm90 = configs(80, _named_args(q16, 64)), configs(90, _named_args(q16, 64))
@@ -123,10 +128,37 @@ def test_configs_per_arch():
     wide80 = configs(80, _named_args(torch.empty(2, 4, 256, 128, dtype=torch.bfloat16), 128))
     assert wide80 and all(c.num_warps == 8 for c in wide80)
     assert set(kern.POINTER_CONFIGS) | set(kern.TMA_CONFIGS) == set(sm90)
-    for q, Dh in ((torch.empty(2, 4, 256, 64), 64), (torch.empty(2, 4, 256, 128, dtype=torch.float16), 128)):
-        for c in configs(90, _named_args(q, Dh)):
-            assert c.kwargs["BLOCK_M"] // c.num_warps <= 16 and c.kwargs["BLOCK_N"] <= 64
+    for c in configs(90, _named_args(torch.empty(2, 4, 256, 128, dtype=torch.float16), 128)):
+        assert c.kwargs["BLOCK_M"] // c.num_warps <= 16 and c.kwargs["BLOCK_N"] <= 64
+    q32 = torch.empty(2, 4, 256, 64)
+    for arch, expected in ((80, 80), (86, 80), (89, 80), (90, 90), (100, 90)):
+        assert configs(arch, _named_args(q32, 64)) == kern.FP32_CONFIGS[expected]
+    assert kern.FP32_CONFIGS[80] != kern.FP32_CONFIGS[90]
+    assert not any(c.kwargs["USE_TMA"] for c in kern.FP32_CONFIGS[80] + kern.FP32_CONFIGS[90])
+    tuned = kern._joint_attention_kernel.configs
+    assert all(c in tuned for c in kern.FP32_CONFIGS[80] + kern.FP32_CONFIGS[90]) and len(set(tuned)) == len(tuned)
     assert configs(None, _named_args(q16, 64)) == [kern.INTERPRETER_CONFIG]
+
+
+def test_fp32_head_dim_limit_off_the_interpreter(monkeypatch):
+    """Compiled (not interpreted), fp32 stops at Dh 64: every Dh-128 fp32 tile spills. One clear error, before any
+    launch; 16-bit Dh 128 and fp32 Dh 64 pass the check (meta tensors: nothing runs)."""
+    monkeypatch.setattr(kern, "INTERPRET", False)
+    calls = []
+    monkeypatch.setattr(kern, "launch", lambda *a, **k: calls.append(a))
+
+    def attend(Dh, dtype):
+        q = torch.empty(1, 2, 40, Dh, dtype=dtype, device="meta")
+        out_x = torch.empty(1, 32, 2 * Dh, dtype=dtype, device="meta")
+        out_ctx = torch.empty(1, 8, 2 * Dh, dtype=dtype, device="meta")
+        kern.joint_attention(q, q, q, out_ctx, out_x, 8)
+
+    with pytest.raises(ValueError, match=r"fp32 supports head dims up to 64 on a GPU .*use fp16 or bf16"):
+        attend(128, torch.float32)
+    assert not calls
+    attend(128, torch.bfloat16)
+    attend(64, torch.float32)
+    assert len(calls) == 2
 
 
 def test_tma_needs_aligned_rows():
@@ -226,8 +258,9 @@ def test_real_size_gpu(case, dtype):
 
 
 @pytest.mark.gpu
-def test_fp32_is_ieee_gpu():
-    """fp32 dots run in full fp32 (input_precision="ieee"): TF32 would be ~1e-3 off, far above the 1e-5 floor."""
+def test_fp32_accuracy_gpu():
+    """fp32 dots keep fp32 accuracy (input_precision="tf32x3"): plain TF32 would be ~1e-3 off, far above the 1e-5
+    floor."""
     B, H, L, Dh, n_ctx = 1, 4, 1024 + 77, 64, 77
     assert max(check(*qkv(B, H, L, Dh, torch.float32), n_ctx)) <= 1e-5  # against fp64, whatever SDPA's error
 

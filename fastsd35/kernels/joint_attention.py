@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_head_dim, check_shape, check_tensor, check_writable_rows, unit_last_stride
+from .checks import INTERPRET, check_head_dim, check_shape, check_tensor, check_writable_rows, unit_last_stride
 from .launch import launch, register_autotuned
 from .variants import DH128, IMAGE_TOKENS, meta_tensor, report_case, sd35_launch_sizes
 
@@ -45,10 +45,32 @@ POINTER_CONFIGS = [
 # Hopper and later: the same kernel loading q/k/v tiles through tensor descriptors (TMA). The GPU benchmark decides
 # whether these win; until then they are candidates beside the pointer loads.
 TMA_CONFIGS = [_config(*c, tma=True) for c in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3))]
+# fp32 operands: each dot is three TF32 MMAs (FP32_DOT) on tiles of twice the bytes of 16-bit ones, which leaves room
+# for few tiles (`fastsd35 kernels --dtype fp32`): at Dh 64 only key tiles of 16 rows, or 32 with 8 warps (sm_90:
+# also (128, 32) and (64, 32) on wgmma), compile without spilling; every other tile spills 16-900 bytes. At Dh 128 every
+# tile spills on both (600-11000 bytes): fp32 is limited to FP32_MAX_HEAD_DIM on a GPU (SD3.x uses 64). Pointer loads.
+FP32_CONFIGS = {
+    80: [_config(*c) for c in ((64, 16, 4, 2), (64, 16, 8, 2), (32, 16, 4, 2), (32, 32, 8, 2))],
+    90: [_config(*c) for c in ((128, 32, 8, 2), (64, 32, 4, 2), (64, 16, 8, 2), (64, 16, 4, 2), (32, 32, 8, 2))],
+}
+FP32_MAX_HEAD_DIM = 64
+# fp32 dots: "tf32x3" splits each fp32 operand into a TF32 high part and a TF32 remainder and sums three MMAs (the
+# remainder-times-remainder term dropped): fp32-level error (~1e-6 relative) at tensor-core speed. Exact "ieee" dots
+# have no MMA form and spill at every tile on sm_80 and sm_90; the interpreter runs them exactly (numpy).
+FP32_DOT = "ieee" if INTERPRET else "tf32x3"
 # Triton's interpreter cannot time configs: it runs this one. Its cost is per op, not per element, so 32x32 tiles run
 # faster than smaller ones while still giving test sizes several query/key tiles and tails. Tests switch it to the
 # TMA form to run that load path too.
 INTERPRETER_CONFIG = _config(32, 32, 4, 1)
+
+
+def _fp32_only() -> list[triton.Config]:
+    """The fp32 configs that are not already 16-bit candidates (the autotuner's list holds each config once)."""
+    seen = list(POINTER_CONFIGS)
+    for c in FP32_CONFIGS[80] + FP32_CONFIGS[90]:
+        if c not in seen:
+            seen.append(c)
+    return seen[len(POINTER_CONFIGS) :]
 
 
 def _tma_ready(named_args: dict) -> bool:
@@ -67,9 +89,9 @@ def _fits(config: triton.Config, arch: int, wide: bool) -> bool:
     - 16-bit, Dh 64, sm_80 (mma.sync): 32 rows or 32 score columns per warp reach the 255-register limit (no room
       left, one block per SM), so only tiles with at most 16 of each are timed (162-240 registers). Hopper's wgmma
       keeps every candidate at 87-220 registers: all are timed there.
-    - fp32 operands or Dh 128 (`wide`) double that state and the K/V tiles in shared memory: key tiles of at most 64
-      rows and 16 query rows per warp; on sm_80 even 4 warps x 16 rows spill at Dh 128 (96-256 stack bytes), so
-      only 8-warp tiles remain there.
+    - Dh 128 (`wide`) doubles that state and the K/V tiles in shared memory: key tiles of at most 64 rows and 16
+      query rows per warp; on sm_80 even 4 warps x 16 rows spill (96-256 stack bytes), so only 8-warp tiles remain
+      there. (fp32 operands have their own list, FP32_CONFIGS.)
     """
     bm, bn, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
     if wide:
@@ -81,7 +103,9 @@ def _configs_for(arch: int | None, named_args: dict) -> list[triton.Config]:
     """The configs the autotuner times on a GPU of compute capability `arch` (None: the interpreter)."""
     if arch is None:
         return [INTERPRETER_CONFIG]
-    wide = named_args["HEAD_DIM"] > 64 or named_args["Q"].dtype == torch.float32
+    if named_args["Q"].dtype == torch.float32:
+        return list(FP32_CONFIGS[90 if arch >= 90 else 80])
+    wide = named_args["HEAD_DIM"] > 64
     configs = [c for c in POINTER_CONFIGS if _fits(c, arch, wide)]
     if arch >= 90 and _tma_ready(named_args):
         configs += [c for c in TMA_CONFIGS if _fits(c, arch, wide)]
@@ -143,7 +167,7 @@ def _attend_tile(
 
 
 @triton.autotune(
-    configs=POINTER_CONFIGS + TMA_CONFIGS,
+    configs=POINTER_CONFIGS + TMA_CONFIGS + _fp32_only(),
     # What moves the best tile: the number of (batch, head) programs, the length bucket, the head dim (and the dtype,
     # which Triton adds to every key).
     key=["tune_bh", "tune_len", "HEAD_DIM"],
@@ -234,6 +258,9 @@ def joint_attention(q, k, v, out_ctx, out_x, n_ctx: int) -> None:
     check_tensor(op, "q", q, 4)
     B, H, L, Dh = q.shape
     check_head_dim(op, Dh)
+    if q.dtype == torch.float32 and Dh > FP32_MAX_HEAD_DIM and not INTERPRET:
+        raise ValueError(f"{op}: fp32 supports head dims up to {FP32_MAX_HEAD_DIM} on a GPU (no tile of Dh {Dh} fits "
+                         f"in registers without spilling); use fp16 or bf16")
     for name, t in (("k", k), ("v", v)):
         check_tensor(op, name, t, 4, q.dtype, q.device)
         check_shape(op, name, t, q.shape)
@@ -269,8 +296,8 @@ def joint_attention(q, k, v, out_ctx, out_x, n_ctx: int) -> None:
         out_x.stride(0), out_x.stride(1),
         B * H, _tuning_length(L),
     )  # fmt: skip
-    # fp32 must be exact fp32 (the GPU default would be TF32); 16-bit operands use the native MMA either way.
-    meta = dict(HEAD_DIM=Dh, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    # fp32 must keep fp32 accuracy (plain TF32 would be ~1e-3 off); 16-bit operands use the native MMA either way.
+    meta = dict(HEAD_DIM=Dh, DOT_PRECISION=FP32_DOT if q.dtype == torch.float32 else "tf32")
     launch(_joint_attention_kernel, grid, args, meta, q.device)
 
 
@@ -278,7 +305,8 @@ def joint_attention(q, k, v, out_ctx, out_x, n_ctx: int) -> None:
 def _report_attention(dtype: torch.dtype) -> None:
     """The joint attention (context rows into out_ctx, image rows into out_x) and MMDiT-X's x-only second attention
     (n_ctx = 0), at the released sizes and at Dh 128, into the model's workspace buffers."""
-    for shape, batch, n_ctx in sd35_launch_sizes() + [(DH128, 2, 154)]:
+    wide = [(DH128, 2, 154)] if dtype != torch.float32 else []  # fp32 stops at FP32_MAX_HEAD_DIM
+    for shape, batch, n_ctx in sd35_launch_sizes() + wide:
         H, Dh, D = shape.heads, shape.head_dim, shape.hidden
         for ctx in (n_ctx, 0):
             q, k, v = (meta_tensor(batch, H, ctx + IMAGE_TOKENS, Dh, dtype=dtype) for _ in range(3))
