@@ -38,7 +38,7 @@ from . import distributed
 from .benchmark_cases import PROMPT, Case, Contender, Failed, Prepared, Skip
 
 MIN_GPUS = 2
-CFG_STEPS = 8  # the CFG-parallel case's steps on CUDA: SD3.5 Large's 40 would take minutes per contender
+CFG_STEPS = 8  # the CFG-parallel case's steps on CUDA (the large preset's 40 would add minutes to the run)
 CPU_SETTINGS = (("steps", 3), ("width", 96), ("height", 64))  # CPU workers (tests): the tiny preset, made smaller
 TIMEOUT_S = {"cuda": 900.0, "cpu": 60.0}  # the longest wait for a worker (building, one run) and at a collective
 POLL_S = 0.2  # how often a wait looks at the workers
