@@ -8,6 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["fastsd35", "fastsd35.*"]),
+    # the trained tiny family (`--preset tiny`): safetensors weights and tokenizer files, ~4 MB
+    package_data={"fastsd35": ["tiny_model/*.safetensors", "tiny_model/*/*"]},
     # Lower bounds only: GPU users bring their own torch/triton builds.
     install_requires=[
         "torch>=2.4",

@@ -582,7 +582,7 @@ def e2e_cases(device, dtype=None, full: bool | None = None) -> list[Case]:
 
     device = torch.device(device)
     full = device.type == "cuda" if full is None else full
-    preset = get_preset("large_turbo" if full else "tiny")
+    preset = get_preset("large_turbo" if full else "tiny_random")
     s = preset.resolve()
     config = CONFIGS[preset.variant] if full else TINY_MMDITX_CONFIG
     passes, n_ctx, n_x = (2 if s.cfg > 1 else 1), 154, (s.height // 16) * (s.width // 16)

@@ -324,7 +324,7 @@ def multi_gpu_cases(device, cpu_workers: int | None = None, start_method: str = 
     settings = () if cuda else CPU_SETTINGS
     model = "large" if cuda else "tiny"
 
-    dp_preset = get_preset("large_turbo" if cuda else "tiny")
+    dp_preset = get_preset("large_turbo" if cuda else "tiny_random")
     sizes = world_sizes(max(gpus, MIN_GPUS))
     prompts = tuple(f"{PROMPT}, picture {i}" for i in range(2 * sizes[-1]))
     dp = PoolSpec(1, preset=dp_preset.name, prompts=prompts, settings=settings, **common)
@@ -336,7 +336,7 @@ def multi_gpu_cases(device, cpu_workers: int | None = None, start_method: str = 
         images=len(prompts),
     )  # fmt: skip
 
-    cfg_preset = get_preset("large" if cuda else "tiny")
+    cfg_preset = get_preset("large" if cuda else "tiny_random")
     cfg_settings = (("steps", CFG_STEPS),) if cuda else settings
     s = cfg_preset.resolve(**dict(cfg_settings))
     one = PoolSpec(1, preset=cfg_preset.name, prompts=(PROMPT,), settings=cfg_settings, **common)

@@ -36,7 +36,7 @@ from .model import CONFIGS
 from .presets import CONTROL_TYPES, PRESETS, Preset, Settings, get_preset
 from .quantization import FP8_DTYPE, is_quantized
 from .sampling import SAMPLERS, CFGDenoiser, SLGConfig
-from .tiny import TINY_MMDITX_CONFIG
+from .tiny import TINY_MMDITX_CONFIG, TRAINED_MMDITX_CONFIG
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": FP8_DTYPE}
 FIELDS["dtype"] = Field(str, choices=tuple(DTYPES))  # records and --dtype accept the same names
@@ -241,8 +241,8 @@ def dry_run(job: Job, args) -> int:
             size = f"{f.size / 1e9:.2f} GB" if f.size is not None else "?"
             print(f"  {f.path}  {size}  {'cached' if f.cached else 'to download'}")
         print(f"  to download: {h.download_bytes / 1e9:.2f} GB into {h.snapshot}")
-    elif job.preset.name == "tiny" and args.model is None:
-        print("model: the built-in tiny model (no files)")
+    elif job.preset.built_in and args.model is None:
+        print(f"model: the built-in {job.preset.name} model (no files to find)")
     else:
         files = find_model_files(job.model, job.preset)
         print(f"model: transformer {files.transformer}, VAE {files.vae}, text encoders from {files.text_encoders}")
@@ -308,7 +308,7 @@ def plan(args) -> Job:
     control = _control(args)
     loras = tuple(_lora(text) for text in args.lora or ())
     if control:
-        if preset.name != "tiny" and preset.variant != "sd3.5_large":
+        if not preset.built_in and preset.variant != "sd3.5_large":
             raise FastSD35Error(f"the SD3.5 ControlNets are made for SD3.5 Large: use --preset large or large_turbo, not {preset.name}")
         preset = preset.with_controlnet()
     settings = preset.resolve(
@@ -380,8 +380,8 @@ def load(job: Job, args):
     common = dict(dtype=job.dtype, device=job.device, t5=job.t5, t5_tokens=job.t5_tokens,
                   graphs=False if args.no_graphs else None, controlnet=job.control and job.control.controlnet,
                   control_type=job.control and job.control.control_type, loras=job.loras)  # fmt: skip
-    if job.preset.name == "tiny" and args.model is None:
-        return Pipeline.from_preset("tiny", **common)
+    if job.preset.built_in and args.model is None:
+        return Pipeline.from_preset(job.preset.name, **common)
     model = hub.download(job.hub) if job.hub else job.model
     return Pipeline.from_pretrained(model, job.preset, text_encoder_device=args.text_encoder_device, **common)
 
@@ -398,7 +398,7 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
         "fastsd35_version": __version__,
         "preset": job.preset.name,
         "model": f"{job.hub.repo}@{job.hub.commit}" if job.hub else  # a Hub name, pinned to the commit used
-        None if job.preset.name == "tiny" and job.model == Path("models") else _stored_path(job.model),
+        None if job.preset.built_in and job.model == Path("models") else _stored_path(job.model),
         "prompt": prompt,
         "negative_prompt": job.negative_prompt,
         "seed": seed,
@@ -495,7 +495,8 @@ def _device(requested: str | None) -> torch.device:
 
 
 def _max_pixels(preset: Preset) -> int:
-    config = TINY_MMDITX_CONFIG if preset.name == "tiny" else CONFIGS[preset.variant]
+    built_in = {"tiny": TRAINED_MMDITX_CONFIG, "tiny_random": TINY_MMDITX_CONFIG}
+    config = built_in.get(preset.name) or CONFIGS[preset.variant]
     return config.pos_embed_max_size * config.patch_size * 8
 
 

@@ -221,9 +221,9 @@ def preset_for(repo: str, listing: dict[str, int | None] | None = None) -> Prese
     if repo in KNOWN_REPOS:
         return PRESETS[KNOWN_REPOS[repo]]
     found = [p for p in PRESETS.values() if any(c in (listing or {}) for c in p.checkpoints)]
-    if len(found) != 1:
+    if len({p.checkpoints for p in found}) != 1:
         raise FastSD35Error(f"{repo}: cannot tell which model it holds: pass --preset ({', '.join(PRESETS)})")
-    return found[0]
+    return found[0]  # presets that share their files (tiny, tiny_random): the first, the trained tiny
 
 
 def preset_of(repo: str, revision: str | None = None) -> Preset:

@@ -13,7 +13,7 @@ from .sampling import SLGConfig
 @dataclass(frozen=True)
 class Preset:
     name: str
-    variant: str  # the transformer the preset expects (MMDiTXConfig.variant); "custom" for tiny
+    variant: str  # the transformer the preset expects (MMDiTXConfig.variant); "custom" for the tiny ones
     checkpoints: tuple[str, ...]  # official file names to look for in a model folder, in order of preference
     shift: float
     steps: int
@@ -23,6 +23,7 @@ class Preset:
     width: int = 1024
     height: int = 1024
     description: str = ""
+    built_in: bool = False  # the model ships with the package or is built in code: no --model needed
 
     def with_controlnet(self) -> "Preset":
         """The settings the reference uses whenever an SD3.5 ControlNet is given (all three kinds alike)."""
@@ -113,7 +114,13 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "tiny", "custom", ("tiny.safetensors",),
-            shift=3.0, steps=8, cfg=4.5, sampler="dpmpp_2m", width=256, height=256,
+            shift=1.0, steps=16, cfg=4.5, sampler="dpmpp_2m", width=64, height=64, built_in=True,
+            description="a small SD3 trained on simple scenes ('a red circle on a blue background'; "
+                        "fastsd35.tiny_scenes), shipped with the package: seconds on a CPU",
+        ),
+        Preset(
+            "tiny_random", "custom", ("tiny.safetensors",),
+            shift=3.0, steps=8, cfg=4.5, sampler="dpmpp_2m", width=256, height=256, built_in=True,
             description="random-weight model built in code, for self-tests; needs no downloads",
         ),
     )

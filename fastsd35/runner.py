@@ -185,9 +185,15 @@ class Pipeline:
     def from_preset(cls, name: str = "tiny", *, device=None, dtype=None, seed: int = 0, t5: bool = True,
                     t5_tokens: int = 256, graphs: bool | None = None, controlnet: str | Path | None = None,
                     control_type: str | None = None, loras: Sequence[tuple[str | Path, float]] = ()) -> "Pipeline":
-        """A pipeline whose components are built in code: only `tiny` (random weights, seconds on a CPU), optionally
-        with a ControlNet file made for it (`tiny.write_tiny_controlnet`)."""
-        if name != "tiny":
+        """A pipeline that needs no files: `tiny`, the trained tiny family shipped with the package (loaded from
+        `tiny.TRAINED_MODEL_DIR` by the same loaders as real checkpoints), or `tiny_random`, random weights built in
+        code from `seed` (seconds on a CPU), optionally with a ControlNet file made for it
+        (`tiny.write_tiny_controlnet`)."""
+        if name == "tiny":
+            return cls.from_pretrained(tiny.trained_model_dir(), "tiny", device=device, dtype=dtype, t5=t5,
+                                       t5_tokens=t5_tokens, graphs=graphs, controlnet=controlnet,
+                                       control_type=control_type, loras=loras)  # fmt: skip
+        if name != "tiny_random":
             raise FastSD35Error(f"preset {name!r} needs checkpoint files: use Pipeline.from_pretrained(model, {name!r})")
         device, dtype = check_load_options(device, dtype, t5, t5_tokens)
         timings = {}
@@ -199,7 +205,7 @@ class Pipeline:
                 quantize_(transformer)
             cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type,
                                                                  dtype="fp8" if fp8 else dtype, device=device)
-        pipe = cls(transformer, vae, text, "tiny", controlnet=cn, graphs=graphs)
+        pipe = cls(transformer, vae, text, "tiny_random", controlnet=cn, graphs=graphs)
         pipe.timings.update(timings)
         pipe.loras = [(str(path), float(scale)) for path, scale in loras]
         return pipe

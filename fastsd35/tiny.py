@@ -20,11 +20,26 @@ TINY_MMDITX_CONFIG = MMDiTXConfig(
 )
 
 # The family `fastsd35.train_tiny` trains, sized to train in minutes on a CPU: one joint block (hidden 64, one head,
-# qk-norm) with a 16x16 position table (up to 256 px; trained at 64x64), and a lighter VAE (64 channels at every
-# level, one block per encoder level), still 16 latent channels and a factor-8 downsampling like the real one.
-# 64 channels, not 32: with the VAE's 32 norm groups, one channel per group normalises away every flat color.
-TRAINED_MMDITX_CONFIG = MMDiTXConfig(depth=1, pos_embed_max_size=16, context_dim=64, adm_in_channels=64, qk_norm="rms")
+# qk-norm) on 1x1 patches with a 16x16 position table (up to 128 px; trained at 64x64), and a lighter VAE (64
+# channels at every level, one block per encoder level), still 16 latent channels and a factor-8 downsampling like
+# the real one. Patches of 1, not 2: a 2x2 patch of 16 channels is 64 numbers, all of the 64-wide residual stream, and
+# with no room left the model could not carry the noise it must predict (its images stayed noise, without shapes).
+# 64 VAE channels, not 32: with the VAE's 32 norm groups, one channel per group normalises away every flat colour.
+TRAINED_MMDITX_CONFIG = MMDiTXConfig(depth=1, patch_size=1, pos_embed_max_size=16, context_dim=64, adm_in_channels=64,
+                                     qk_norm="rms")
 TRAINED_VAE_CONFIG = VAEConfig(ch=64, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
+# Where the package keeps the trained family (`python -m fastsd35.train_tiny --out fastsd35/tiny_model` rewrites it).
+TRAINED_MODEL_DIR = Path(__file__).resolve().parent / "tiny_model"
+
+
+def trained_model_dir() -> Path:
+    """The shipped model folder of the `tiny` preset; FastSD35Error when this installation lacks it."""
+    from .errors import FastSD35Error
+
+    if not (TRAINED_MODEL_DIR / "tiny.safetensors").is_file():
+        raise FastSD35Error(f"the tiny model is missing from this installation ({TRAINED_MODEL_DIR}): reinstall "
+                            f"fastsd35, or rebuild it with python -m fastsd35.train_tiny --out {TRAINED_MODEL_DIR}")
+    return TRAINED_MODEL_DIR
 
 
 @torch.no_grad()
@@ -74,17 +89,19 @@ def write_tiny_model(folder, seed: int = 0) -> Path:
     return save_model_folder(folder, *tiny_components(seed))
 
 
-def save_model_folder(folder, transformer, vae, text) -> Path:
+def save_model_folder(folder, transformer, vae, text, dtype: torch.dtype | None = None) -> Path:
     """Write a model as the official release lays out a model folder: `tiny.safetensors` (transformer under
     `model.diffusion_model.`, VAE under `first_stage_model.`), `clip_l.safetensors`, `clip_g.safetensors`,
-    `t5xxl_fp16.safetensors`, and tokenizer/, tokenizer_2/, tokenizer_3/."""
+    `t5xxl_fp16.safetensors`, and tokenizer/, tokenizer_2/, tokenizer_3/. `dtype`: store the floating-point tensors
+    in it (the releases store fp16); default as they are."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
     def tensors(module, prefix=""):  # contiguous copies: safetensors refuses shared or strided storage
-        return {prefix + k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+        cast = (lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v)  # noqa: E731
+        return {prefix + k: cast(v.detach()).clone().contiguous() for k, v in module.state_dict().items()}
 
     save_file(tensors(transformer, "model.diffusion_model.") | tensors(vae, "first_stage_model."), str(folder / "tiny.safetensors"))
     save_file(tensors(text.clip_l), str(folder / "clip_l.safetensors"))

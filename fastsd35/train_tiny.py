@@ -1,11 +1,11 @@
 """Train the tiny SD3 family on `fastsd35.tiny_scenes` and write it as a model folder in the official layout:
 
-    python -m fastsd35.train_tiny --out DIR                      # the full recipe (seed 0)
+    python -m fastsd35.train_tiny --out fastsd35/tiny_model           # the shipped model (seed 0, ~20 min, 2 cores)
     python -m fastsd35.train_tiny --out DIR --vae-steps 2 --steps 2    # a smoke run
 
-1. The VAE (`tiny.TRAINED_VAE_CONFIG`, 16 latent channels) learns to autoencode the scenes, its posterior sampled as
-   at inference, with two light penalties: the latent after `process_in` has mean 0 and std 1 over a batch (so the
-   fixed SD3 latent scale and shift fit it) and the posterior log-variance stays near a small fixed value.
+1. The VAE (`tiny.TRAINED_VAE_CONFIG`, 16 latent channels, factor 8) starts as an exact autoencoder of each 8x8
+   block's mean colour (`colour_passing_init_`: how colours get through its GroupNorms), then its decoder's residual
+   branches learn to draw the scenes' edges from those latents (`train_vae`).
 2. The text encoders are the random-weight tiny CLIP-L / CLIP-G / T5 (`tiny_text_encoders`), frozen: every caption's
    context and pooled vectors are computed once.
 3. The transformer (`tiny.TRAINED_MMDITX_CONFIG`) learns the SD3 objective: rectified flow x = sigma*noise +
@@ -13,12 +13,10 @@
    to a logit-normal t, the caption replaced by the empty prompt 10% of the time for CFG. The weights written are
    an exponential moving average.
 
-Everything is seeded: the same seed and step counts give the same files on the same torch build. The folder loads
-with `Pipeline.from_pretrained(DIR, "tiny")` / `fastsd35 run --preset tiny --model DIR --width 64 --height 64`, and
-each checkpoint is scored with `tiny_scenes.adherence`.
-
-Status: the pipeline of this recipe runs end to end, but its VAE does not yet learn the scenes' colors within the
-default steps (see `train_vae`), so no trained family ships yet and `--preset tiny` stays random-weight.
+Everything is seeded: the same seed and step counts give the same files on the same torch build. The files are fp16,
+as the releases; the folder loads with `Pipeline.from_pretrained(DIR, "tiny")` / `fastsd35 run --preset tiny
+--model DIR`, and each checkpoint is scored with `tiny_scenes.adherence`. `--preset tiny` without `--model` loads the
+copy shipped in the package (`tiny.TRAINED_MODEL_DIR`).
 """
 
 from __future__ import annotations
@@ -40,7 +38,7 @@ from . import kernels, tiny, tiny_scenes
 from .model import MMDiTX
 from .presets import get_preset
 from .sampling import shift_sigma
-from .vae import SDVAE, load_vae, process_in
+from .vae import AttnBlock, ResnetBlock, SDVAE, load_vae, process_in
 
 TEXT_SEED_OFFSET = 2  # the text encoders are tiny_text_encoders(seed + 2), as in tiny.tiny_components
 CAPTION_DROPOUT = 0.1
@@ -59,46 +57,121 @@ def scene_images() -> tuple[torch.Tensor, list[str]]:
 # -- VAE ---------------------------------------------------------------------------------------------------------
 
 LOGVAR_TARGET = 2 * math.log(0.05)  # a posterior std of 0.05 in raw latent units
-
-
-def train_vae(images: torch.Tensor, steps: int, seed: int, batch: int = 8, crop: int = 16, lr: float = 5e-4,
-              log=print) -> SDVAE:
-    """The VAE is convolutional apart from its small mid-block attention: it trains on `crop`-pixel crops at offsets
-    that are multiples of 8 (latent-aligned), a sixteenth of the work of whole 64x64 scenes.
-
-    Measured with seed 0 and 300 steps (whole-scene reconstruction MSE in [-1, 1]; < 0.01 would be needed): 0.23 at
-    lr 5e-4, 0.43 at lr 2e-3; 32 channels (one per norm group) plateaued at 0.27-0.37 with colors wrong."""
-    torch.manual_seed(seed)
-    vae = SDVAE(tiny.TRAINED_VAE_CONFIG).train()
-    with torch.no_grad():  # start with a narrow posterior: a std of 1 would drown the latent the decoder learns from
-        half = vae.config.latent_channels
-        vae.encoder.conv_out.weight[half:] *= 0.01
-        vae.encoder.conv_out.bias[half:] = LOGVAR_TARGET
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        top, left = (8 * torch.randint((images.shape[-1] - crop) // 8 + 1, (2,), generator=g)).tolist()
-        x = images[torch.randint(len(images), (batch,), generator=g), :, top : top + crop, left : left + crop]
-        mean, logvar = vae.encoder(x).chunk(2, dim=1)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
-        recon = F.mse_loss(vae.decoder(z), x)
-        latent = process_in(mean)
-        stats = latent.mean() ** 2 + (latent.std() - 1) ** 2
-        loss = recon + 0.01 * stats + 0.001 * ((logvar - LOGVAR_TARGET) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == steps:
-            log(f"vae step {step}/{steps}: recon {recon.item():.5f} latent mean {latent.mean().item():+.3f} "
-                f"std {latent.std().item():.3f} ({time.perf_counter() - start:.0f} s)")
-    return vae.eval().requires_grad_(False)
+REFERENCE = 20.0  # amplitude of the fixed pattern that gives each colour-carrying norm group its scale
+SILU_AT = 8.0  # the norm_out bias that puts both channels of a pair where SiLU is almost the identity
+LATENT_NOISE = 0.02  # std of the noise added to the latents the decoder trains on (raw units)
 
 
 @torch.no_grad()
-def encode_all(vae: SDVAE, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
-    """Posterior means after process_in: the transformer's x0."""
-    return torch.cat([process_in(vae.encode(images[i : i + batch])) for i in range(0, len(images), batch)])
+def colour_passing_init_(vae: SDVAE, images: torch.Tensor, seed: int) -> SDVAE:
+    """Set `vae` to an exact autoencoder of the 8x8-block mean colours, the starting point of `train_vae`.
+
+    Why: the scenes are flat colours, and a GroupNorm normalises each image's groups to mean 0 and std 1. With two
+    channels per group (64 channels, 32 groups) a flat colour comes out of the norm as +-1 whatever it was, so a VAE
+    of this size trained from random weights learns colours very slowly (measured: after 300 steps green and blue
+    still decoded alike). Only `norm_out` (encoder and decoder) stands in the colours' way: everything else is
+    residual. So each colour c enters a group as the pair (K P + c, K P - c), where P is a fixed pattern made from
+    a constant channel by a convolution's zero padding (the first downsample's bottom/right padding in the encoder,
+    the first upsample's top/left padding in the decoder): the group's mean is K mean(P) and its variance
+    K^2 var(P) + mean(c^2), independent of c to first order, so the normalised difference of the pair is
+    2c / (K std(P)): the colour, linearly. conv_out takes that difference, with one gain per side fitted on
+    `images` (the pattern's statistics are those of a 64x64 image: other sizes shift the colours).
+
+    The result: the encoder's posterior mean is a fixed random mix (16 x 3, seeded) of each 8x8 block's mean colour,
+    the log-variance LOGVAR_TARGET; the decoder unmixes it and repeats it over the block; every residual branch
+    (ResnetBlock conv2, attention proj_out) is zero, for `train_vae` to teach the decoder the edges."""
+    cfg, (enc, dec) = vae.config, (vae.encoder, vae.decoder)
+    C = cfg.ch
+    if any(c != C for c in cfg.channels) or C != 2 * cfg.norm_groups or cfg.latent_channels < 3:
+        raise ValueError(f"colour_passing_init_ needs equal widths of two channels per norm group: {cfg}")
+    ref, pairs = C - 1, [(2 * i, 2 * i + 1) for i in range(3)]  # the constant channel; colour i in group i
+
+    def clear(conv):
+        conv.weight.zero_()
+        conv.bias.zero_()
+
+    for m in vae.modules():
+        if isinstance(m, ResnetBlock):
+            clear(m.conv2)
+        elif isinstance(m, AttnBlock):
+            clear(m.proj_out)
+    clear(enc.conv_in)  # rgb -> (+c, -c) pairs, the constant channel
+    for i, (a, b) in enumerate(pairs):
+        enc.conv_in.weight[a, i, 1, 1], enc.conv_in.weight[b, i, 1, 1] = 1.0, -1.0
+    enc.conv_in.bias[ref] = 1.0
+    for level in enc.down:
+        if level.downsample is not None:  # each channel's 2x2 mean
+            clear(level.downsample.conv)
+            level.downsample.conv.weight[range(C), range(C), :2, :2] = 0.25
+    pattern_taps = [(enc.down[0].downsample.conv, 2), (dec.up[-1].upsample.conv, 0)]  # the tap that hits padding
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cfg.latent_channels, 3, generator=g)
+    mix /= mix.norm(dim=1, keepdim=True)
+    unmix = torch.linalg.pinv(mix)  # (3, latent)
+    clear(dec.conv_in)  # latent -> (+c, -c) pairs, the constant channel
+    for i, (a, b) in enumerate(pairs):
+        dec.conv_in.weight[a, :, 1, 1], dec.conv_in.weight[b, :, 1, 1] = unmix[i], -unmix[i]
+    dec.conv_in.bias[ref] = 1.0
+    for level in dec.up:
+        if level.upsample is not None:  # nearest x2, then the identity
+            clear(level.upsample.conv)
+            level.upsample.conv.weight[range(C), range(C), 1, 1] = 1.0
+    for conv, tap in pattern_taps:
+        for channel in (c for pair in pairs for c in pair):
+            conv.weight[channel, ref, tap, tap] = REFERENCE
+    half = cfg.latent_channels
+    for side in (enc, dec):
+        side.norm_out.weight.fill_(1.0)
+        side.norm_out.bias.fill_(SILU_AT)
+        clear(side.conv_out)
+    enc.conv_out.bias[half:] = LOGVAR_TARGET
+    for i, (a, b) in enumerate(pairs):
+        enc.conv_out.weight[:half, a, 1, 1], enc.conv_out.weight[:half, b, 1, 1] = mix[:, i], -mix[:, i]
+        dec.conv_out.weight[i, a, 1, 1], dec.conv_out.weight[i, b, 1, 1] = 1.0, -1.0
+    # the gains: least squares against the block means (encoder), then against their repetition (decoder)
+    blocks = F.avg_pool2d(images, 8)
+    got = torch.einsum("cl,blhw->bchw", unmix, enc(images)[:, :half])
+    enc.conv_out.weight[:half] *= (got * blocks).sum() / (got * got).sum()
+    got = dec(torch.einsum("lc,bchw->blhw", mix, blocks))
+    want = F.interpolate(blocks, scale_factor=8, mode="nearest")
+    dec.conv_out.weight *= (got * want).sum() / (got * got).sum()
+    return vae
+
+
+def train_vae(images: torch.Tensor, steps: int, seed: int, batch: int = 8, lr: float = 5e-4,
+              log=print) -> tuple[SDVAE, torch.Tensor]:
+    """`colour_passing_init_`, then the decoder's residual branches learn to draw the scenes from the latents (with
+    LATENT_NOISE added, as the transformer's latents will not be exact): sharp edges instead of 8x8 blocks. The
+    encoder stays the exact block-mean encoder, and the colour path (conv_in/out, resampling, norm_out) stays as
+    set: with them trainable, lr 2e-4 already undid the colours before the edges improved. Returns the VAE and the
+    raw posterior means of `images` (the transformer's data, after process_in)."""
+    torch.manual_seed(seed)
+    vae = SDVAE(tiny.TRAINED_VAE_CONFIG).eval().requires_grad_(False)
+    colour_passing_init_(vae, images[:: max(1, len(images) // 40)], seed)
+    latents = encode_all(vae, images, process=False)
+    branches = [p for m in vae.decoder.modules() if isinstance(m, (ResnetBlock, AttnBlock)) for p in m.parameters()]
+    for p in branches:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(branches, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        pick = torch.randint(len(images), (batch,), generator=g)
+        z = latents[pick] + LATENT_NOISE * torch.randn(latents[pick].shape, generator=g)
+        recon = F.mse_loss(vae.decoder(z), images[pick])
+        opt.zero_grad(set_to_none=True)
+        recon.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps:
+            log(f"vae step {step}/{steps}: recon {recon.item():.5f} ({time.perf_counter() - start:.0f} s)")
+    return vae.eval().requires_grad_(False), latents
+
+
+@torch.no_grad()
+def encode_all(vae: SDVAE, images: torch.Tensor, batch: int = 128, process: bool = True) -> torch.Tensor:
+    """Posterior means, after process_in (the transformer's x0) unless `process` is False (raw, as decoded)."""
+    means = torch.cat([vae.encoder(images[i : i + batch]).chunk(2, dim=1)[0] for i in range(0, len(images), batch)])
+    return process_in(means) if process else means
 
 
 # -- transformer -------------------------------------------------------------------------------------------------
@@ -244,7 +317,7 @@ def write_folder(out: Path, transformer: MMDiTX, vae: SDVAE, text) -> Path:
     staging = out.with_name(out.name + ".new")
     shutil.rmtree(staging, ignore_errors=True)
     transformer._fuse_adaln()  # the EMA copy's per-block adaLN tensors -> one matrix again, as after loading
-    tiny.save_model_folder(staging, transformer, vae, text)
+    tiny.save_model_folder(staging, transformer, vae, text, dtype=torch.float16)  # as the releases: fp16
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
@@ -270,7 +343,7 @@ def evaluate(folder: Path, n: int = 6, seed: int = 1, log=print) -> float:
     return mean
 
 
-def train(out, *, seed: int = 0, vae_steps: int = 300, steps: int = 3000, batch: int = 64, every: int = 200,
+def train(out, *, seed: int = 0, vae_steps: int = 1000, steps: int = 3000, batch: int = 64, every: int = 500,
           evaluate_checkpoints: bool = True, vae_from=None, every_nth_scene: int = 1, log=print) -> Path:
     """The whole recipe: dataset -> VAE -> latents -> transformer -> `out` (written after the VAE, at checkpoints and
     at the end). `vae_from`: reuse the VAE of a model folder or file instead of training one. `every_nth_scene`:
@@ -279,11 +352,12 @@ def train(out, *, seed: int = 0, vae_steps: int = 300, steps: int = 3000, batch:
     images, captions = images[::every_nth_scene], captions[::every_nth_scene]
     log(f"{len(images)} scenes, {len(set(captions))} captions")
     if vae_from is None:
-        vae = train_vae(images, vae_steps, seed, log=log)
+        vae, raw = train_vae(images, vae_steps, seed, log=log)
+        latents = process_in(raw)
     else:
         vae = load_vae(vae_from, dtype=torch.float32, device="cpu")
         log(f"VAE from {vae_from}")
-    latents = encode_all(vae, images)
+        latents = encode_all(vae, images)
     log(f"latents {tuple(latents.shape)}: mean {latents.mean().item():+.3f} std {latents.std().item():.3f}")
     from .conditioning import tiny_text_encoders
 
@@ -308,10 +382,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastsd35.train_tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=300)
+    parser.add_argument("--vae-steps", type=int, default=1000, help="VAE decoder steps")
     parser.add_argument("--steps", type=int, default=3000, help="transformer steps")
     parser.add_argument("--batch", type=int, default=64, help="transformer batch size")
-    parser.add_argument("--every", type=int, default=200, help="write (and evaluate) the model every N steps")
+    parser.add_argument("--every", type=int, default=500, help="write (and evaluate) the model every N steps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--vae-from", type=Path, default=None, help="reuse the VAE of this model folder or file")
     parser.add_argument("--no-eval", action="store_true", help="skip the adherence check at each checkpoint")

@@ -275,7 +275,7 @@ def test_cpu_results_schema(quick_run):
     assert step["fastsd35+graphs+fp8"]["skipped"] == bc.NOT_INTERPRETED
     assert "torch.compile" in step["diffusers+compile"]["skipped"]
     assert by_id[("kernels", "medium-ln_modulate2")]["triton"]["skipped"] == bc.NOT_INTERPRETED
-    e2e = by_id[("e2e", "tiny-tiny")]
+    e2e = by_id[("e2e", "tiny-tiny_random")]
     assert set(e2e["eager"]["extra"]["stages_ms"]) == {"encode", "sample", "decode"}
     assert e2e["graphs"]["skipped"] == "CUDA graphs need CUDA"
 

@@ -182,7 +182,7 @@ def test_a_killed_worker_ends_the_run_without_hanging(warm):
 
 def test_a_spawned_worker_reports_its_error():
     """The start method CUDA uses: the worker is imported afresh, finds no CUDA here and says so."""
-    spec = bm.PoolSpec(1, cuda=True, preset="tiny", prompts=("a",), timeout_s=60)
+    spec = bm.PoolSpec(1, cuda=True, preset="tiny_random", prompts=("a",), timeout_s=60)
     start = time.monotonic()
     with pytest.raises(bc.Failed, match="^rank 0: FastSD35Error: --device cuda but CUDA is not available here"):
         with bm._pool_contender(spec):

@@ -46,12 +46,12 @@ def fails(capsys, message, *argv, out=None):
 
 def test_tiny_end_to_end_with_metadata_and_reproduction(tmp_path, capsys):
     out = tmp_path / "out"
-    assert run("--preset", "tiny", "--prompt", "a red cube", "--negative-prompt", "blurry", "--out", out, "--seed", 7, *FAST) == 0
+    assert run("--preset", "tiny_random", "--prompt", "a red cube", "--negative-prompt", "blurry", "--out", out, "--seed", 7, *FAST) == 0
     printed = capsys.readouterr().out.strip().splitlines()[-1]
-    assert printed.startswith(f"wrote {out / 'tiny_a-red-cube_7.png'} in ")
+    assert printed.startswith(f"wrote {out / 'tiny_random_a-red-cube_7.png'} in ")
     for stage in ("load", "encode", "sample", "decode"):
         assert f"{stage} " in printed
-    path = out / "tiny_a-red-cube_7.png"
+    path = out / "tiny_random_a-red-cube_7.png"
     with Image.open(path) as image:
         assert image.size == (64, 48)
         record = json.loads(image.info[METADATA_KEY])
@@ -59,33 +59,33 @@ def test_tiny_end_to_end_with_metadata_and_reproduction(tmp_path, capsys):
         pixels = np.asarray(image)
     assert record["prompt"] == "a red cube" and record["negative_prompt"] == "blurry" and record["seed"] == 7
     assert (record["steps"], record["width"], record["height"], record["sampler"]) == (2, 64, 48, "dpmpp_2m")
-    assert record["preset"] == "tiny" and record["fastsd35_version"]
+    assert record["preset"] == "tiny_random" and record["fastsd35_version"]
     assert parameters.splitlines()[:2] == ["a red cube", "Negative prompt: blurry"]
     assert "Steps: 2, Sampler: dpmpp_2m, CFG scale: 4.5, Seed: 7, Size: 64x48" in parameters
     assert pixels.std() > 0  # not a blank image
 
     # The metadata alone reproduces the image, pixel for pixel; the original is kept (no --overwrite).
     assert run("--from-png", path, "--out", out) == 0
-    with Image.open(out / "tiny_a-red-cube_7-2.png") as again:
+    with Image.open(out / "tiny_random_a-red-cube_7-2.png") as again:
         np.testing.assert_array_equal(np.asarray(again), pixels)
-    assert listing(out) == ["tiny_a-red-cube_7-2.png", "tiny_a-red-cube_7.png"]
+    assert listing(out) == ["tiny_random_a-red-cube_7-2.png", "tiny_random_a-red-cube_7.png"]
 
 
 def test_batch_prompts_file_seeds_and_overwrite(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first prompt\n\n   \nsecond one\n")
     out = tmp_path / "out"
-    assert run("--preset", "tiny", "--prompts-file", prompts, "--batch-size", 2, "--out", out, *FAST) == 0
+    assert run("--preset", "tiny_random", "--prompts-file", prompts, "--batch-size", 2, "--out", out, *FAST) == 0
     assert listing(out) == [
-        "tiny_first-prompt_23.png", "tiny_first-prompt_24.png", "tiny_second-one_23.png", "tiny_second-one_24.png"
+        "tiny_random_first-prompt_23.png", "tiny_random_first-prompt_24.png", "tiny_random_second-one_23.png", "tiny_random_second-one_24.png"
     ]
-    a, b = (np.asarray(Image.open(out / f"tiny_first-prompt_{s}.png")) for s in (23, 24))
+    a, b = (np.asarray(Image.open(out / f"tiny_random_first-prompt_{s}.png")) for s in (23, 24))
     assert not np.array_equal(a, b)  # different seeds, different images
-    (out / "tiny_first-prompt_23.png").write_bytes(b"an older file")  # --overwrite must replace it, not keep it
-    assert run("--preset", "tiny", "--prompt", "first prompt", "--out", out, "--overwrite", *FAST) == 0
+    (out / "tiny_random_first-prompt_23.png").write_bytes(b"an older file")  # --overwrite must replace it, not keep it
+    assert run("--preset", "tiny_random", "--prompt", "first prompt", "--out", out, "--overwrite", *FAST) == 0
     assert len(listing(out)) == 4
     # Same seed, same noise: the image equals the batch-of-2 one up to float rounding that depends on the batch size.
-    again = np.asarray(Image.open(out / "tiny_first-prompt_23.png")).astype(int)
+    again = np.asarray(Image.open(out / "tiny_random_first-prompt_23.png")).astype(int)
     assert np.abs(again - a).max() <= 1
 
 
@@ -93,8 +93,8 @@ def test_img2img(tmp_path):
     init = tmp_path / "init.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(init)
     out = tmp_path / "out"
-    assert run("--preset", "tiny", "--prompt", "x", "--init-image", init, "--denoise", 0.5, "--out", out, *FAST) == 0
-    record = json.loads(Image.open(out / "tiny_x_23.png").info[METADATA_KEY])
+    assert run("--preset", "tiny_random", "--prompt", "x", "--init-image", init, "--denoise", 0.5, "--out", out, *FAST) == 0
+    record = json.loads(Image.open(out / "tiny_random_x_23.png").info[METADATA_KEY])
     assert record["init_image"] == str(init) and record["denoise"] == 0.5
 
 
@@ -143,25 +143,25 @@ def test_checkpoint_for_another_model(tmp_path, capsys):
     ],
 )
 def test_bad_settings(tmp_path, capsys, args, message):
-    fails(capsys, message, "--preset", "tiny", "--prompt", "a", "--out", tmp_path / "o", *args, out=tmp_path)
+    fails(capsys, message, "--preset", "tiny_random", "--prompt", "a", "--out", tmp_path / "o", *args, out=tmp_path)
 
 
 def test_bad_denoise_and_init_image(tmp_path, capsys):
     init = tmp_path / "init.png"
     Image.new("RGB", (16, 16)).save(init)
     for value in (0.0, 1.5):
-        fails(capsys, f"--denoise must be a finite number in (0, 1], got {value!r}", "--preset", "tiny", "--prompt", "a",
+        fails(capsys, f"--denoise must be a finite number in (0, 1], got {value!r}", "--preset", "tiny_random", "--prompt", "a",
               "--init-image", init, "--denoise", value, "--out", tmp_path / "o", out=tmp_path)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    fails(capsys, f"cannot read init image {broken}", "--preset", "tiny", "--prompt", "a", "--init-image", broken,
+    fails(capsys, f"cannot read init image {broken}", "--preset", "tiny_random", "--prompt", "a", "--init-image", broken,
           "--out", tmp_path / "o", out=tmp_path)
-    fails(capsys, f"cannot read init image {tmp_path / 'missing.png'}", "--preset", "tiny", "--prompt", "a",
+    fails(capsys, f"cannot read init image {tmp_path / 'missing.png'}", "--preset", "tiny_random", "--prompt", "a",
           "--init-image", tmp_path / "missing.png", "--out", tmp_path / "o", out=tmp_path)
 
 
 def test_denoise_without_init_image(tmp_path, capsys):
-    fails(capsys, "--denoise needs --init-image", "--preset", "tiny", "--prompt", "a", "--denoise", 0.5,
+    fails(capsys, "--denoise needs --init-image", "--preset", "tiny_random", "--prompt", "a", "--denoise", 0.5,
           "--out", tmp_path / "o", out=tmp_path)
 
 
@@ -174,16 +174,16 @@ def test_preset_read_from_the_checkpoint_or_asked_for(tmp_path, capsys):
 
     sd = {"model.diffusion_model." + k: v.contiguous() for k, v in MMDiTX(TINY_MMDITX_CONFIG).state_dict().items()}
     save_file(sd, str(tmp_path / "mine.safetensors"))
-    fails(capsys, "mine.safetensors: holds a custom transformer (presets: tiny): pass --preset",
+    fails(capsys, "mine.safetensors: holds a custom transformer (presets: tiny, tiny_random): pass --preset",
           "--model", tmp_path / "mine.safetensors", "--prompt", "a", "--out", tmp_path / "o", out=tmp_path)
 
 
 def test_prompt_problems(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    fails(capsys, f"prompts file {empty} has no prompts", "--preset", "tiny", "--prompts-file", empty, "--out", tmp_path / "o", out=tmp_path)
-    fails(capsys, "cannot read prompts file", "--preset", "tiny", "--prompts-file", tmp_path / "nope.txt", "--out", tmp_path / "o", out=tmp_path)
-    fails(capsys, 'nothing to generate: give --prompt "..." or --prompts-file FILE', "--preset", "tiny", "--out", tmp_path / "o", out=tmp_path)
+    fails(capsys, f"prompts file {empty} has no prompts", "--preset", "tiny_random", "--prompts-file", empty, "--out", tmp_path / "o", out=tmp_path)
+    fails(capsys, "cannot read prompts file", "--preset", "tiny_random", "--prompts-file", tmp_path / "nope.txt", "--out", tmp_path / "o", out=tmp_path)
+    fails(capsys, 'nothing to generate: give --prompt "..." or --prompts-file FILE', "--preset", "tiny_random", "--out", tmp_path / "o", out=tmp_path)
 
 
 def test_missing_encoder_and_tokenizer_files(tmp_path, capsys):
@@ -191,12 +191,12 @@ def test_missing_encoder_and_tokenizer_files(tmp_path, capsys):
 
     models = write_tiny_model(tmp_path / "models")
     (models / "clip_l.safetensors").unlink()
-    fails(capsys, "clip_l.safetensors", "--preset", "tiny", "--model", models, "--prompt", "a", "--out", tmp_path / "o", out=tmp_path)
+    fails(capsys, "clip_l.safetensors", "--preset", "tiny_random", "--model", models, "--prompt", "a", "--out", tmp_path / "o", out=tmp_path)
     import shutil
 
     write_tiny_model(models)
     shutil.rmtree(models / "tokenizer_3")
-    fails(capsys, "tokenizer", "--preset", "tiny", "--model", models, "--prompt", "a", "--out", tmp_path / "o", out=tmp_path)
+    fails(capsys, "tokenizer", "--preset", "tiny_random", "--model", models, "--prompt", "a", "--out", tmp_path / "o", out=tmp_path)
 
 
 def test_tiny_from_official_files(tmp_path, capsys):
@@ -204,9 +204,9 @@ def test_tiny_from_official_files(tmp_path, capsys):
 
     models = write_tiny_model(tmp_path / "models")
     out = tmp_path / "out"
-    assert run("--preset", "tiny", "--model", models, "--prompt", "a red cube", "--out", out, *FAST) == 0
-    assert run("--preset", "tiny", "--prompt", "a red cube", "--out", out, *FAST) == 0
-    with Image.open(out / "tiny_a-red-cube_23.png") as a, Image.open(out / "tiny_a-red-cube_23-2.png") as b:
+    assert run("--preset", "tiny_random", "--model", models, "--prompt", "a red cube", "--out", out, *FAST) == 0
+    assert run("--preset", "tiny_random", "--prompt", "a red cube", "--out", out, *FAST) == 0
+    with Image.open(out / "tiny_random_a-red-cube_23.png") as a, Image.open(out / "tiny_random_a-red-cube_23-2.png") as b:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # files and built-in weights are the same model
         assert json.loads(a.info[METADATA_KEY])["model"] == str(models)
 
@@ -214,12 +214,12 @@ def test_tiny_from_official_files(tmp_path, capsys):
 def test_unwritable_output_folder(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    fails(capsys, f"cannot write to output folder {blocker / 'out'}", "--preset", "tiny", "--prompt", "a", "--out", blocker / "out", out=tmp_path)
+    fails(capsys, f"cannot write to output folder {blocker / 'out'}", "--preset", "tiny_random", "--prompt", "a", "--out", blocker / "out", out=tmp_path)
 
 
 def test_argparse_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as e:
-        run("--preset", "tiny", "--steps", "many")
+        run("--preset", "tiny_random", "--steps", "many")
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid int value: 'many'" in err
@@ -239,7 +239,7 @@ def test_interrupt_leaves_no_partial_png(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(fastsd35.runner, "sample", interrupted)
     out = tmp_path / "out"
-    assert run("--preset", "tiny", "--prompt", "a", "--out", out, *FAST) == 130
+    assert run("--preset", "tiny_random", "--prompt", "a", "--out", out, *FAST) == 130
     assert "interrupted" in capsys.readouterr().err
     assert listing(out) == []
 
@@ -254,7 +254,7 @@ def test_interrupt_inside_the_write_leaves_no_partial_file(tmp_path, capsys, mon
     out.mkdir()
     (out / "keep.png").write_bytes(b"another run's image")
     if overwrite:
-        (out / "tiny_a_23.png").write_bytes(b"the image --overwrite would replace")
+        (out / "tiny_random_a_23.png").write_bytes(b"the image --overwrite would replace")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     pending = []
 
@@ -264,7 +264,7 @@ def test_interrupt_inside_the_write_leaves_no_partial_file(tmp_path, capsys, mon
 
     monkeypatch.setattr(os, "replace" if overwrite else "link", interrupted)
     flags = ["--overwrite"] if overwrite else []
-    assert run("--preset", "tiny", "--prompt", "a", "--out", out, *flags, *FAST) == 130
+    assert run("--preset", "tiny_random", "--prompt", "a", "--out", out, *flags, *FAST) == 130
     assert "interrupted" in capsys.readouterr().err
     assert len(pending) == 1 and pending[0].startswith(b"\x89PNG")  # the write was under way, the PNG complete
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the temporary file is gone, the rest intact
@@ -286,10 +286,10 @@ def controlnet_files(tmp_path):
 def test_controlnet_end_to_end_and_reproduction(tmp_path, controlnet_files):
     cn, photo = controlnet_files
     out = tmp_path / "out"
-    args = ["--preset", "tiny", "--prompt", "a red box", "--controlnet", cn, "--control-image", photo,
+    args = ["--preset", "tiny_random", "--prompt", "a red box", "--controlnet", cn, "--control-image", photo,
             "--control-preprocess", "canny", "--canny-low", 50, "--control-strength", 0.8, "--out", out, *FAST]
     assert run(*args) == 0
-    path = out / "tiny_a-red-box_23.png"
+    path = out / "tiny_random_a-red-box_23.png"
     with Image.open(path) as image:
         record = json.loads(image.info[METADATA_KEY])
         pixels = np.asarray(image)
@@ -298,7 +298,7 @@ def test_controlnet_end_to_end_and_reproduction(tmp_path, controlnet_files):
                                     "preprocess": "canny", "options": {"low": 50.0}, "strength": 0.8}
     assert (record["sampler"], record["cfg"], record["shift"]) == ("euler", 3.5, 3.0)  # the ControlNet settings
     assert run("--from-png", path, "--out", out) == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "tiny_a-red-box_23-2.png")), pixels)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "tiny_random_a-red-box_23-2.png")), pixels)
 
 
 @pytest.mark.parametrize(
@@ -311,13 +311,13 @@ def test_controlnet_end_to_end_and_reproduction(tmp_path, controlnet_files):
 )
 def test_controlnet_bad_input(tmp_path, capsys, controlnet_files, extra, message):
     cn, photo = controlnet_files
-    fails(capsys, message, "--preset", "tiny", "--prompt", "a", "--controlnet", cn, "--control-image", photo, *extra,
+    fails(capsys, message, "--preset", "tiny_random", "--prompt", "a", "--controlnet", cn, "--control-image", photo, *extra,
           "--out", tmp_path / "o", out=tmp_path)
 
 
 def test_controlnet_needs_both_flags_and_a_readable_image(tmp_path, capsys, controlnet_files):
     cn, photo = controlnet_files
-    base = ["--preset", "tiny", "--prompt", "a", "--out", tmp_path / "o"]
+    base = ["--preset", "tiny_random", "--prompt", "a", "--out", tmp_path / "o"]
     fails(capsys, "--control-image need --controlnet", *base, "--control-image", photo, out=tmp_path)
     fails(capsys, "--controlnet needs --control-image", *base, "--controlnet", cn, out=tmp_path)
     fails(capsys, f"cannot read control image {tmp_path / 'none.png'}", *base, "--controlnet", cn, "--control-image",
@@ -331,12 +331,12 @@ def test_controlnet_needs_both_flags_and_a_readable_image(tmp_path, capsys, cont
 
 def test_tiny_in_fp8_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
-    assert run("--preset", "tiny", "--dtype", "fp8", "--prompt", "a red cube", "--out", out, *FAST) == 0
-    with Image.open(out / "tiny_a-red-cube_23.png") as image:
+    assert run("--preset", "tiny_random", "--dtype", "fp8", "--prompt", "a red cube", "--out", out, *FAST) == 0
+    with Image.open(out / "tiny_random_a-red-cube_23.png") as image:
         record = json.loads(image.info[METADATA_KEY])
         fp8 = np.asarray(image).astype(np.float32)
     assert record["dtype"] == "fp8" and fp8.std() > 0
-    assert run("--preset", "tiny", "--prompt", "a red cube", "--out", out, *FAST) == 0
-    with Image.open(out / "tiny_a-red-cube_23-2.png") as image:
+    assert run("--preset", "tiny_random", "--prompt", "a red cube", "--out", out, *FAST) == 0
+    with Image.open(out / "tiny_random_a-red-cube_23-2.png") as image:
         full = np.asarray(image).astype(np.float32)
     assert 0 < np.abs(fp8 - full).mean() < 8  # the same image within FP8's error (8 of 255 on average)

@@ -284,6 +284,19 @@ def test_canny_finds_the_border_of_a_square():
     assert not edge_mask(canny(Image.new("RGB", (32, 32), (90, 90, 90)))).any()
 
 
+def test_canny_smoothing_is_a_gaussian_of_the_given_sigma():
+    """The blur before the gradients: normalised and symmetric, reaching 3 sigma (rounded, at least one pixel) on
+    each side, with variance sigma^2 (up to the truncation and the sampling of small sigmas)."""
+    from fastsd35.controlnet import _gaussian_kernel
+
+    for sigma, radius in ((0.3, 1), (0.6, 2), (1.0, 3), (1.4, 4), (2.5, 8)):
+        k = _gaussian_kernel(sigma).double()
+        x = torch.arange(len(k), dtype=torch.float64) - (len(k) - 1) / 2
+        assert len(k) == 2 * radius + 1 and torch.allclose(k, k.flip(0)) and abs(k.sum().item() - 1) < 1e-6
+        if sigma >= 0.6:
+            assert abs((k * x**2).sum().item() / sigma**2 - 1) < 0.04, sigma
+
+
 def test_canny_hysteresis():
     """A square fading from 255 (left side: gradient ~650) to 50 (right side: ~130): the dim right side is kept when
     it passes `low` and is connected (along the top and bottom) to edges that pass `high`."""

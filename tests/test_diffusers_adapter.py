@@ -100,7 +100,7 @@ def cpu_user(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return Pipeline.from_preset("tiny", device="cpu")
+    return Pipeline.from_preset("tiny_random", device="cpu")
 
 
 def latents(seed=0):

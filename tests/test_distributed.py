@@ -24,7 +24,7 @@ from fastsd35 import cli, distributed
 from fastsd35.errors import FastSD35Error
 from fastsd35.sampling import CFGDenoiser, SLGConfig
 
-FAST = ["--preset", "tiny", "--steps", "2", "--width", "64", "--height", "48"]
+FAST = ["--preset", "tiny_random", "--steps", "2", "--width", "64", "--height", "48"]
 TIMEOUT_S = 60  # the gloo timeout of these jobs (loading on a busy 2-core machine can take a while)
 
 
@@ -136,10 +136,10 @@ def test_data_parallel_writes_the_single_process_files(tmp_path, capsys):
     single, parallel = tmp_path / "single", tmp_path / "parallel"
     for folder in (single, parallel):
         folder.mkdir()
-        (folder / "tiny_a-blue-ball_24.png").write_bytes(b"not mine")
+        (folder / "tiny_random_a-blue-ball_24.png").write_bytes(b"not mine")
     assert run(*args, "--out", single) == 0
     expected = files(single)
-    assert len(expected) == 7 and "tiny_a-red-cube_23-2.png" in expected and "tiny_a-blue-ball_24-2.png" in expected
+    assert len(expected) == 7 and "tiny_random_a-red-cube_23-2.png" in expected and "tiny_random_a-blue-ball_24-2.png" in expected
 
     ranks = launch(cli_rank(*args, "--out", parallel), tmp_path)
     assert [r.code for r in ranks] == [0, 0], ranks
@@ -163,7 +163,7 @@ def test_two_jobs_into_one_folder_never_write_the_same_name(tmp_path):
     ranks = launch(two_jobs, tmp_path, world_size=4)
     assert [r.code for r in ranks] == [0, 0, 0, 0], ranks
     names = sorted(files(out))
-    assert names == ["tiny_a-blue-ball_5-2.png", "tiny_a-blue-ball_5.png", "tiny_a-red-cube_5-2.png", "tiny_a-red-cube_5.png"]
+    assert names == ["tiny_random_a-blue-ball_5-2.png", "tiny_random_a-blue-ball_5.png", "tiny_random_a-red-cube_5-2.png", "tiny_random_a-red-cube_5.png"]
     for name in names:
         assert pixels(out / name).std() > 0
     np.testing.assert_array_equal(pixels(out / names[0]), pixels(out / names[1]))  # the same image, twice
@@ -181,10 +181,10 @@ def test_cfg_parallel_equals_one_process_running_the_split_passes(tmp_path):
     ranks = launch(cli_rank(*args, "--out", tmp_path / "pair"), tmp_path)
     assert [r.code for r in ranks] == [0, 0], ranks
     expected = files(tmp_path / "split")
-    assert sorted(expected) == ["tiny_a-blue-ball_23.png", "tiny_a-red-cube_23-2.png", "tiny_a-red-cube_23.png"]
+    assert sorted(expected) == ["tiny_random_a-blue-ball_23.png", "tiny_random_a-red-cube_23-2.png", "tiny_random_a-red-cube_23.png"]
     assert files(tmp_path / "pair") == expected
 
-    image = tmp_path / "pair" / "tiny_a-blue-ball_23.png"
+    image = tmp_path / "pair" / "tiny_random_a-blue-ball_23.png"
     assert run("--from-png", image, "--out", tmp_path / "again") == 0
     np.testing.assert_array_equal(pixels(tmp_path / "again" / image.name), pixels(image))
     assert run(*args[:-1], "--out", tmp_path / "batched") == 0
@@ -202,7 +202,7 @@ def test_cfg_parallel_with_skip_layer_guidance_from_python(tmp_path):
         from fastsd35.runner import Pipeline
 
         ranks = distributed.init("cpu", cfg_parallel=True, timeout=TIMEOUT_S)
-        pipe = Pipeline.from_preset("tiny", device=ranks.device)
+        pipe = Pipeline.from_preset("tiny_random", device=ranks.device)
         forward, skipping = pipe.transformer.forward, []
 
         def spy(*args, skip_layers=(), **kw):
@@ -222,7 +222,7 @@ def test_cfg_parallel_with_skip_layer_guidance_from_python(tmp_path):
     assert ranks[0].out.split() == ["0", "6"] and ranks[1].out.split() == ["4", "10"]
     from fastsd35.runner import Pipeline
 
-    pipe = Pipeline.from_preset("tiny", device="cpu")
+    pipe = Pipeline.from_preset("tiny_random", device="cpu")
     for j, prompt in enumerate(prompts):
         split = pipe.generate(prompt, denoiser_cls=partial(CFGDenoiser, split=True), progress=False, **settings)
         for rank in (0, 1):
@@ -331,7 +331,7 @@ def test_a_rank_failing_mid_run_ends_the_job_without_partial_files(tmp_path, how
     if how == "raises":
         assert ranks[1].err == "fastsd35: error: rank 1: out of GPU memory while sampling: lower --batch-size or --width/--height\n"
     written = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    assert written == (["tiny_one_23.png", "tiny_two_23.png"] if mode == "data" else ["tiny_one_23.png"])
+    assert written == (["tiny_random_one_23.png", "tiny_random_two_23.png"] if mode == "data" else ["tiny_random_one_23.png"])
     for name in written:
         assert pixels(out / name).std() > 0
 

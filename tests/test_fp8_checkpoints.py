@@ -295,7 +295,7 @@ def test_malformed_quantization_metadata(tmp_path, model, metadata, expected):
 def test_cli_reports_a_malformed_fp8_file_in_one_line(tmp_path, model, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     path = write(tmp_path / "bad.safetensors", legacy(model, **{f"{QKV}__scale_weight": None}))
-    code = cli.main(["run", "--preset", "tiny", "--model", str(path), "--prompt", "a", "--dtype", "fp8",
+    code = cli.main(["run", "--preset", "tiny_random", "--model", str(path), "--prompt", "a", "--dtype", "fp8",
                      "--out", str(tmp_path / "out"), "--steps", "1"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f"{QKV}.weight" in err, err

@@ -98,7 +98,7 @@ def capture_invalidated_by_oom():
 
 def test_out_of_memory_during_capture_is_the_friendly_error_and_nothing_is_cached(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    pipe = Pipeline.from_preset("tiny", device="cpu")
+    pipe = Pipeline.from_preset("tiny_random", device="cpu")
     capturer = EagerCapturer()
     pipe.model_pass = CUDAGraphPasses(pipe.model_pass, "cpu", capturer=capturer)
     kw = dict(steps=1, width=64, height=64, progress=False)
@@ -107,7 +107,7 @@ def test_out_of_memory_during_capture_is_the_friendly_error_and_nothing_is_cache
         with pytest.raises(FastSD35Error, match=r"^out of GPU memory while sampling: lower --batch-size or --width"):
             pipe("a red cube", **kw)
         assert pipe.model_pass.graphs == {}  # the half-captured graph is dropped: the next call captures again
-    eager = Pipeline.from_preset("tiny", device="cpu")
+    eager = Pipeline.from_preset("tiny_random", device="cpu")
     np.testing.assert_array_equal(np.asarray(pipe("a red cube", **kw)[0]), np.asarray(eager("a red cube", **kw)[0]))
     assert capturer.captures == len(pipe.model_pass.graphs) == 1
 
@@ -207,10 +207,10 @@ def test_stages_synchronise_the_models_device(monkeypatch):
 
 def test_cpu_pipeline_runs_eagerly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    pipe = Pipeline.from_preset("tiny", device="cpu")
+    pipe = Pipeline.from_preset("tiny_random", device="cpu")
     assert type(pipe.model_pass) is TransformerPass
     with pytest.raises(FastSD35Error, match="CUDA graphs need a CUDA device; the transformer is on cpu"):
-        Pipeline.from_preset("tiny", device="cpu", graphs=True)
+        Pipeline.from_preset("tiny_random", device="cpu", graphs=True)
 
 
 # -- GPU --------------------------------------------------------------------------------------------------------
@@ -251,8 +251,8 @@ def test_replay_equals_eager_for_every_pass_and_shape():
 @pytest.mark.gpu
 def test_pipeline_with_graphs_gives_the_eager_images():
     kw = dict(steps=4, width=128, height=96, progress=False, batch_size=2)
-    graphed = Pipeline.from_preset("tiny", device="cuda")
-    eager = Pipeline.from_preset("tiny", device="cuda", graphs=False)
+    graphed = Pipeline.from_preset("tiny_random", device="cuda")
+    eager = Pipeline.from_preset("tiny_random", device="cuda", graphs=False)
     assert isinstance(graphed.model_pass, CUDAGraphPasses) and type(eager.model_pass) is TransformerPass
     a = np.stack([np.asarray(im) for im in graphed("a red cube", **kw)])
     b = np.stack([np.asarray(im) for im in eager("a red cube", **kw)])
@@ -296,7 +296,7 @@ def test_graphs_and_eager_on_a_device_that_is_not_the_current_one():
     assert torch.cuda.current_device() == 0
 
     kw = dict(steps=2, width=128, height=96, progress=False)
-    generation = Pipeline.from_preset("tiny", device="cuda:1").generate("a red cube", **kw)
-    plain = Pipeline.from_preset("tiny", device="cuda:1", graphs=False)("a red cube", **kw)
+    generation = Pipeline.from_preset("tiny_random", device="cuda:1").generate("a red cube", **kw)
+    plain = Pipeline.from_preset("tiny_random", device="cuda:1", graphs=False)("a red cube", **kw)
     np.testing.assert_array_equal(np.asarray(generation.images[0]), np.asarray(plain[0]))
     assert set(generation.timings) == {"encode", "sample", "decode"} and torch.cuda.current_device() == 0

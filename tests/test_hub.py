@@ -330,7 +330,7 @@ def tiny_files(tmp_path_factory):
     """The tiny model's files as an official Hub repository lays them out (text encoders in text_encoders/)."""
     from fastsd35.tiny import write_tiny_model
 
-    folder = write_tiny_model(tmp_path_factory.mktemp("tiny"))
+    folder = write_tiny_model(tmp_path_factory.mktemp("tiny_random"))
     files = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
     return {("text_encoders/" + n if n.endswith(".safetensors") and n != "tiny.safetensors" else n): p for n, p in files.items()}
 
@@ -339,7 +339,7 @@ def test_cli_generates_from_a_cached_hub_repository(hf_cache, tiny_files, tmp_pa
     put_in_cache(hf_cache, "org/tiny-sd3", tiny_files)
     out = tmp_path / "out"
     assert cli.main(["run", "--model", "org/tiny-sd3", "--prompt", "a red cube", "--out", str(out), *FAST]) == 0
-    png = out / "tiny_a-red-cube_23.png"
+    png = out / "tiny_a-red-cube_23.png"  # the preset of tiny.safetensors: tiny (shared with tiny_random)
     with Image.open(png) as image:
         assert json.loads(image.info["fastsd35"])["model"] == f"org/tiny-sd3@{COMMIT_A}"  # pinned to the commit
     assert cli.main(["run", "--from-png", str(png), "--out", str(out)]) == 0  # reproduced from the cache, no request
@@ -349,8 +349,8 @@ def test_cli_generates_from_a_cached_hub_repository(hf_cache, tiny_files, tmp_pa
     monkeypatch.chdir(tmp_path)  # a local folder of the same name wins
     (tmp_path / "org" / "tiny-sd3").mkdir(parents=True)
     capsys.readouterr()
-    assert cli.main(["run", "--preset", "tiny", "--model", "org/tiny-sd3", "--prompt", "a", "--dry-run"]) == 2
-    assert "org/tiny-sd3: no checkpoint for preset 'tiny'" in capsys.readouterr().err
+    assert cli.main(["run", "--preset", "tiny_random", "--model", "org/tiny-sd3", "--prompt", "a", "--dry-run"]) == 2
+    assert "org/tiny-sd3: no checkpoint for preset 'tiny_random'" in capsys.readouterr().err
 
 
 def test_cli_dry_run_lists_the_hub_files_and_writes_nothing(monkeypatch, hf_cache, tmp_path, capsys):

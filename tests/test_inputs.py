@@ -49,7 +49,7 @@ def fails(capsys, message, *argv, out):
 
 
 def tiny_run(tmp_path, *extra):
-    return ["--preset", "tiny", "--out", tmp_path / "out", *extra]
+    return ["--preset", "tiny_random", "--out", tmp_path / "out", *extra]
 
 
 # -- limits (class 3) and zero-is-not-default (class 4) ------------------------------------------------------------
@@ -97,7 +97,7 @@ def test_the_seed_limit_fits_the_generator():
 
 
 def test_zero_is_not_the_default():
-    preset = get_preset("tiny")
+    preset = get_preset("tiny_random")
     assert preset.resolve(width=None).width == 256
     for kwargs in (dict(width=0), dict(height=0), dict(steps=0), dict(sampler=""), dict(shift=0.0)):
         with pytest.raises(FastSD35Error):
@@ -157,7 +157,7 @@ def png_with_record(path, record):
     return path
 
 
-GOOD = {"prompt": "a", "preset": "tiny", "steps": 2, "width": 64, "height": 48}
+GOOD = {"prompt": "a", "preset": "tiny_random", "steps": 2, "width": 64, "height": 48}
 
 
 @pytest.mark.parametrize(
@@ -189,13 +189,13 @@ def test_a_record_reproduces_from_any_folder_and_never_from_a_changed_file(tmp_p
     first.mkdir(), second.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(first / "init.png")
     monkeypatch.chdir(first)
-    assert run("--preset", "tiny", "--prompt", "x", "--init-image", "init.png", "--out", "out", *FAST, "--steps", 1) == 0
-    made = first / "out" / "tiny_x_23.png"
+    assert run("--preset", "tiny_random", "--prompt", "x", "--init-image", "init.png", "--out", "out", *FAST, "--steps", 1) == 0
+    made = first / "out" / "tiny_random_x_23.png"
     record = json.loads(Image.open(made).info[METADATA_KEY])
     assert record["init_image"] == str(first / "init.png") and len(record["init_image_sha256"]) == 64
     monkeypatch.chdir(second)
     assert run("--from-png", made, "--out", "again") == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(second / "again" / "tiny_x_23.png")), np.asarray(Image.open(made)))
+    np.testing.assert_array_equal(np.asarray(Image.open(second / "again" / "tiny_random_x_23.png")), np.asarray(Image.open(made)))
     Image.new("RGB", (40, 40), "red").save(first / "init.png")  # the same path, another image
     capsys.readouterr()
     fails(capsys, f"init image {first / 'init.png'} is not the file the PNG was made with", "--from-png", made,
@@ -221,7 +221,7 @@ def test_non_finite_results_write_nothing(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return Pipeline.from_preset("tiny", device="cpu")
+    return Pipeline.from_preset("tiny_random", device="cpu")
 
 
 SMALL = dict(steps=2, width=64, height=48, progress=False)
@@ -259,20 +259,20 @@ def test_api_arguments(tiny, monkeypatch, kwargs, message):
                                              ("bogus", "unknown device 'bogus'"), (3.5, "unknown device 3.5")])
 def test_api_devices(tmp_path, device, message):
     with pytest.raises(FastSD35Error, match=message):
-        Pipeline.from_preset("tiny", device=device)
+        Pipeline.from_preset("tiny_random", device=device)
     with pytest.raises(FastSD35Error, match=message):
-        Pipeline.from_pretrained(tmp_path, "tiny", device=device)
+        Pipeline.from_pretrained(tmp_path, "tiny_random", device=device)
     with pytest.raises(FastSD35Error, match=message.replace("device", "text_encoder_device", 1)):
-        Pipeline.from_pretrained(tmp_path, "tiny", device="cpu", text_encoder_device=device)
+        Pipeline.from_pretrained(tmp_path, "tiny_random", device="cpu", text_encoder_device=device)
 
 
 def test_api_load_options(tmp_path):
     for kwargs, message in ((dict(dtype="fp16"), "dtype must be one of"), (dict(t5="no"), "t5 must be True or False"),
                             (dict(t5_tokens=0), "t5_tokens must be an integer in [77, 512]")):
         with pytest.raises(FastSD35Error, match=message.replace("[", r"\[").replace("]", r"\]")):
-            Pipeline.from_preset("tiny", device="cpu", **kwargs)
+            Pipeline.from_preset("tiny_random", device="cpu", **kwargs)
     with pytest.raises(FastSD35Error, match="model must be a path"):
-        Pipeline.from_pretrained(3, "tiny", device="cpu")
+        Pipeline.from_pretrained(3, "tiny_random", device="cpu")
 
 
 def test_api_non_finite_weights_name_the_cause(tiny):

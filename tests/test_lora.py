@@ -145,7 +145,7 @@ def test_diffusers_layout_fused_weights(tmp_path):
 
 @pytest.fixture
 def tiny():
-    return Pipeline.from_preset("tiny", device="cpu")
+    return Pipeline.from_preset("tiny_random", device="cpu")
 
 
 def test_pipeline_with_lora_equals_diffusers_fuse_lora(tiny, tmp_path, monkeypatch):
@@ -167,7 +167,7 @@ def test_pipeline_with_lora_equals_diffusers_fuse_lora(tiny, tmp_path, monkeypat
                         width=64, latents=latents, max_sequence_length=77, output_type="np").images
     ref = (np.clip(ref, 0, 1) * 255).astype(np.int16)  # truncated like ours
     assert np.abs(ours - ref).max() <= 1 and ours.std() > 10
-    without = pixels(diffusers_pipeline(Pipeline.from_preset("tiny", device="cpu"))(
+    without = pixels(diffusers_pipeline(Pipeline.from_preset("tiny_random", device="cpu"))(
         "a red cube", negative_prompt="blurry", num_inference_steps=4, guidance_scale=4.5, height=48, width=64,
         latents=latents, max_sequence_length=77, output_type="pil").images)
     assert np.abs(without - ours).max() > 5  # the LoRA changed the image
@@ -183,7 +183,7 @@ def test_pipeline_with_lora_equals_diffusers_fuse_lora(tiny, tmp_path, monkeypat
         kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"] = torch.cat(downs), torch.block_diag(*ups)
         kohya[f"{name}.alpha"] = torch.tensor(12.0)  # rank 12: factor 1
     save_file(kohya, tmp_path / "kohya.safetensors")
-    a, b = (Pipeline.from_preset("tiny", device="cpu").transformer for _ in range(2))
+    a, b = (Pipeline.from_preset("tiny_random", device="cpu").transformer for _ in range(2))
     fuse_lora(a, tmp_path / "kohya.safetensors", 0.8)
     subset = {k: v for k, v in tensors.items() if re.search(r"\.attn2?\.to_[qkv]\.", k)}
     save_file(subset, tmp_path / "qkv_only.safetensors")
@@ -209,7 +209,7 @@ def test_parse_lora_arg(tmp_path):
 
 def lora_files(tmp_path):
     """One file per bad-input case, for the tiny preset's transformer (hidden 128)."""
-    model = Pipeline.from_preset("tiny", device="cpu").transformer
+    model = Pipeline.from_preset("tiny_random", device="cpu").transformer
     files = {}
     write_kohya_lora(tmp_path / "good.safetensors", model, modules=["final_layer.linear"])
     files["good"] = tmp_path / "good.safetensors"
@@ -246,7 +246,7 @@ def test_bad_lora_on_the_command_line(tmp_path, capsys, arg, message):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.png").write_bytes(b"old")
-    fails(capsys, message, "--preset", "tiny", "--prompt", "x", "--out", out, "--lora", tmp_path / arg, *FAST, out=out)
+    fails(capsys, message, "--preset", "tiny_random", "--prompt", "x", "--out", out, "--lora", tmp_path / arg, *FAST, out=out)
     assert (out / "keep.png").read_bytes() == b"old"
 
 
@@ -272,7 +272,7 @@ def test_bad_lora_leaves_the_weights_unchanged(tmp_path, tiny):
 
 def test_cli_records_the_lora_and_from_png_honours_it(tmp_path, capsys):
     files = lora_files(tmp_path)
-    args = ["--preset", "tiny", "--prompt", "a red cube", "--seed", 3, *FAST]
+    args = ["--preset", "tiny_random", "--prompt", "a red cube", "--seed", 3, *FAST]
     assert run(*args, "--out", tmp_path / "plain") == 0
     assert run(*args, "--out", tmp_path / "lora", "--lora", f"{files['good']}:1.5") == 0
     [plain], [with_lora] = (sorted((tmp_path / d).glob("*.png")) for d in ("plain", "lora"))
@@ -328,7 +328,7 @@ def test_malformed_lora_record(tmp_path, capsys, loras):
     from fastsd35.outputs import png_bytes
 
     png = tmp_path / "crafted.png"
-    png.write_bytes(png_bytes(Image.new("RGB", (8, 8)), {"prompt": "x", "preset": "tiny", "steps": 2, "sampler": "euler",
+    png.write_bytes(png_bytes(Image.new("RGB", (8, 8)), {"prompt": "x", "preset": "tiny_random", "steps": 2, "sampler": "euler",
                                                           "cfg": 1.0, "seed": 1, "width": 64, "height": 48,
                                                           "shift": 3.0, "loras": loras}))  # fmt: skip
     fails(capsys, "the record.loras", "--from-png", png, "--out", tmp_path / "o", out=tmp_path)
@@ -339,11 +339,11 @@ def test_fp8_gets_its_loras_before_quantizing(tmp_path):
     of the fused model; and a LoRA cannot be fused into weights that are already FP8."""
     from fastsd35.quantization import FP8Linear
 
-    plain = Pipeline.from_preset("tiny", device="cpu")
+    plain = Pipeline.from_preset("tiny_random", device="cpu")
     path = tmp_path / "k.safetensors"
     write_kohya_lora(path, plain.transformer, modules=["joint_blocks.0.x_block.mlp.fc1"], rank=4, alpha=4.0)
-    fused = Pipeline.from_preset("tiny", device="cpu", loras=[(path, 1.0)]).transformer
-    fp8 = Pipeline.from_preset("tiny", device="cpu", dtype="fp8", loras=[(path, 1.0)])
+    fused = Pipeline.from_preset("tiny_random", device="cpu", loras=[(path, 1.0)]).transformer
+    fp8 = Pipeline.from_preset("tiny_random", device="cpu", dtype="fp8", loras=[(path, 1.0)])
     layer = fp8.transformer.joint_blocks[0].x_block.mlp.fc1
     assert isinstance(layer, FP8Linear)
     expected = FP8Linear.from_linear(fused.joint_blocks[0].x_block.mlp.fc1)

@@ -12,7 +12,7 @@ from fastsd35 import outputs
 from fastsd35.errors import FastSD35Error
 from fastsd35.outputs import check_output, png_size_bound, write_png
 
-NAMES = ["tiny_a_23.png", "tiny_a_24.png"]
+NAMES = ["tiny_random_a_23.png", "tiny_random_a_24.png"]
 
 
 def test_check_output_creates_nothing(tmp_path):
@@ -46,6 +46,23 @@ def test_a_folder_removed_between_mkdir_and_write_is_made_again(tmp_path, monkey
 
     monkeypatch.setattr(outputs.tempfile, "mkstemp", racing_mkstemp)
     assert write_png(out, "a.png", b"data").read_bytes() == b"data"
+
+
+def test_a_folder_that_keeps_disappearing_is_one_error_not_a_loop(tmp_path, monkeypatch):
+    """Another process removing the folder after every mkdir: a few retries, then one clear error; nothing left."""
+    out = tmp_path / "out"
+    calls = []
+
+    def vanishing_mkstemp(**kw):
+        calls.append(1)
+        os.rmdir(kw["dir"])
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", kw["dir"])
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", vanishing_mkstemp)
+    with pytest.raises(FastSD35Error, match=r"the image a.png was generated but could not be written to .*out: the "
+                                            r"folder keeps disappearing"):
+        write_png(out, "a.png", b"data")
+    assert 2 <= len(calls) <= 10 and not out.exists()
 
 
 def test_the_output_folder_deleted_mid_run_is_made_again(tmp_path):
@@ -146,7 +163,7 @@ def test_png_size_bound_holds_for_noise():
 
 # -- the same faults through `fastsd35 run` (tiny preset) -----------------------------------------------------------
 
-FAST = ["--preset", "tiny", "--prompt", "a", "--steps", "1", "--width", "64", "--height", "48"]
+FAST = ["--preset", "tiny_random", "--prompt", "a", "--steps", "1", "--width", "64", "--height", "48"]
 
 
 @pytest.fixture
@@ -169,12 +186,12 @@ def test_cli_checks_the_output_before_generating(tmp_path, cli_run, monkeypatch)
     import fastsd35.runner
 
     monkeypatch.setattr(fastsd35.runner.Pipeline, "generate", lambda *a, **k: pytest.fail("generated"))
-    (tmp_path / "out" / "tiny_a_23.png").mkdir(parents=True)
+    (tmp_path / "out" / "tiny_random_a_23.png").mkdir(parents=True)
     status, err = cli_run("--out", tmp_path / "out", "--overwrite")
-    assert status == 2 and err == [f"fastsd35: error: --overwrite cannot replace {tmp_path / 'out' / 'tiny_a_23.png'}: it is not a file"]
+    assert status == 2 and err == [f"fastsd35: error: --overwrite cannot replace {tmp_path / 'out' / 'tiny_random_a_23.png'}: it is not a file"]
     status, err = cli_run("--out", tmp_path / ("x" * 300))
     assert status == 2 and len(err) == 1 and "longer than the file system's limit" in err[0]
-    assert leftovers(tmp_path) == ["out"] and leftovers(tmp_path / "out") == ["tiny_a_23.png"]
+    assert leftovers(tmp_path) == ["out"] and leftovers(tmp_path / "out") == ["tiny_random_a_23.png"]
 
 
 def test_cli_full_disk_is_one_line_and_leaves_nothing(tmp_path, cli_run, monkeypatch):
@@ -185,7 +202,7 @@ def test_cli_full_disk_is_one_line_and_leaves_nothing(tmp_path, cli_run, monkeyp
     out = tmp_path / "out"
     status, err = cli_run("--out", out)
     assert status == 2
-    assert err == [f"fastsd35: error: the image tiny_a_23.png was generated but could not be written to {out}: No space left on device"]
+    assert err == [f"fastsd35: error: the image tiny_random_a_23.png was generated but could not be written to {out}: No space left on device"]
     assert not out.exists()
 
 

@@ -30,7 +30,7 @@ def cpu_user(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return Pipeline.from_preset("tiny", device="cpu")
+    return Pipeline.from_preset("tiny_random", device="cpu")
 
 
 def pixels(images):
@@ -116,14 +116,14 @@ def test_generation_reports_what_it_did(tiny):
 
 def test_official_folder_loads_the_same_model(tmp_path, tiny):
     folder = write_tiny_model(tmp_path / "models")
-    loaded = Pipeline.from_pretrained(folder, "tiny", device="cpu")
+    loaded = Pipeline.from_pretrained(folder, "tiny_random", device="cpu")
     assert set(loaded.timings) == {"load"}
     np.testing.assert_array_equal(pixels(loaded("a house", **SMALL)), pixels(tiny("a house", **SMALL)))
 
 
 def test_diffusers_folder_loads_the_same_model(tmp_path, tiny):
     diffusers_pipeline(tiny).save_pretrained(tmp_path / "sd3-tiny")
-    loaded = Pipeline.from_pretrained(tmp_path / "sd3-tiny", "tiny", device="cpu")
+    loaded = Pipeline.from_pretrained(tmp_path / "sd3-tiny", "tiny_random", device="cpu")
     np.testing.assert_array_equal(pixels(loaded("a house", **SMALL)), pixels(tiny("a house", **SMALL)))
 
 
@@ -142,14 +142,14 @@ def test_missing_encoder_or_tokenizer_files(tmp_path, remove, message):
     target = folder / remove
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     with pytest.raises(FastSD35Error, match=message) as e:
-        Pipeline.from_pretrained(folder, "tiny", device="cpu")
+        Pipeline.from_pretrained(folder, "tiny_random", device="cpu")
     assert "\n" not in str(e.value)
 
 
 def test_no_t5_runs_without_its_files(tmp_path):
     folder = write_tiny_model(tmp_path / "models")
     (folder / "t5xxl_fp16.safetensors").unlink()
-    pipe = Pipeline.from_pretrained(folder, "tiny", device="cpu", t5=False)
+    pipe = Pipeline.from_pretrained(folder, "tiny_random", device="cpu", t5=False)
     assert pipe.text_encoders.t5 is None
     assert len(pipe("a house", **SMALL)) == 1
 
@@ -172,7 +172,7 @@ def edges_image():
 
 def test_controlnet_pipeline(tmp_path, tiny):
     cn_file = write_tiny_controlnet(tmp_path / "cn.safetensors", "canny")
-    pipe = Pipeline.from_preset("tiny", device="cpu", controlnet=cn_file)
+    pipe = Pipeline.from_preset("tiny_random", device="cpu", controlnet=cn_file)
     assert pipe.controlnet.control_name == "canny"
     s = pipe.preset.resolve()
     assert (s.shift, s.steps, s.cfg, s.sampler, s.slg) == (3.0, 60, 3.5, "euler", None)  # the ControlNet settings
@@ -203,7 +203,7 @@ def test_controlnet_for_another_transformer_is_refused(tmp_path):
     other = ControlNet(ControlNetConfig(num_layers=1, hidden_size=192, pooled_dim=64))
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "cn.safetensors"))
     with pytest.raises(CheckpointError, match=r"cn\.safetensors \(a 1-block ControlNet, hidden size 192\) does not fit the custom transformer"):
-        Pipeline.from_preset("tiny", device="cpu", controlnet=tmp_path / "cn.safetensors")
+        Pipeline.from_preset("tiny_random", device="cpu", controlnet=tmp_path / "cn.safetensors")
 
 
 @torch.no_grad()

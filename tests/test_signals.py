@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["run", "--preset", "tiny", "--prompt", "a", "--width", "64", "--height", "48"]
+ARGS = ["run", "--preset", "tiny_random", "--prompt", "a", "--width", "64", "--height", "48"]
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
 
 

@@ -55,3 +55,25 @@ def test_reduced_training_run_writes_a_loadable_family(tmp_path):
     assert pipe.transformer.config == tiny.TRAINED_MMDITX_CONFIG and pipe.vae.config == tiny.TRAINED_VAE_CONFIG
     image = pipe("a red circle on a blue background", steps=2, width=SIZE, height=SIZE, progress=False)[0]
     assert image.size == (SIZE, SIZE)
+
+
+def test_colour_passing_init_is_a_block_mean_autoencoder():
+    """The VAE `train_vae` starts from: the encoder's posterior mean is a fixed mix of each 8x8 block's mean colour
+    (scaled to about unit std by process_in), the decoder repeats that colour over the block. Exact to ~1e-3 on
+    scenes of every colour pair, through both GroupNorms (which, without the reference pattern, give any flat colour
+    as +-1)."""
+    from torch.nn import functional as F
+
+    from fastsd35.vae import SDVAE, process_in
+
+    images, _ = train_tiny.scene_images()
+    vae = train_tiny.colour_passing_init_(SDVAE(tiny.TRAINED_VAE_CONFIG).eval(), images[::40], seed=0)
+    check = images[7::81]  # 20 scenes, every (colour, background) pair
+    with torch.no_grad():
+        mean, logvar = vae.encoder(check).chunk(2, dim=1)
+        blocks = F.avg_pool2d(check, 8)
+        assert F.mse_loss(vae.decoder(mean), F.interpolate(blocks, scale_factor=8, mode="nearest")).item() < 1e-3
+    assert torch.allclose(logvar, torch.full_like(logvar, train_tiny.LOGVAR_TARGET))
+    assert 0.5 < process_in(mean).std().item() < 2.0
+    colours = torch.linalg.lstsq(mean.permute(0, 2, 3, 1).reshape(-1, 16), blocks.permute(0, 2, 3, 1).reshape(-1, 3))
+    assert colours.residuals.sum().item() < 1e-3 * blocks.numel()  # the latent is linear in the block colours
