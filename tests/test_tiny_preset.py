@@ -124,3 +124,15 @@ def test_cuda_graphs_draw_the_same_picture_gpu():
     eager = Pipeline.from_preset("tiny", device="cuda", graphs=False)(CAPTIONS, **kw)
     assert min(psnr(a, b) for a, b in zip(graphed, eager)) >= 40
     assert scores(graphed).mean() >= MIN_MEAN - 0.05
+
+
+def test_an_installation_without_the_model_files_says_so(tmp_path, monkeypatch, capsys):
+    """A broken installation (the package's model folder gone): one line naming the folder and the fix, exit 2."""
+    from fastsd35.errors import FastSD35Error
+
+    monkeypatch.setattr(tiny, "TRAINED_MODEL_DIR", tmp_path / "tiny_model")
+    with pytest.raises(FastSD35Error, match=r"the tiny model is missing from this installation .*tiny_model.*train_tiny"):
+        Pipeline.from_preset("tiny", device="cpu")
+    assert cli.main(["run", "--preset", "tiny", "--prompt", "a", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the tiny model is missing" in err and not (tmp_path / "out").exists()
