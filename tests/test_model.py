@@ -162,6 +162,30 @@ def test_reference_constructor_rejects_unreleased_options(option, value):
         MMDiTX(**kwargs)
 
 
+@pytest.mark.parametrize("layers", [(-1,), (3,), (0, 4)], ids=str)
+def test_config_rejects_second_attention_outside_the_blocks(layers):
+    """x_block_self_attn_layers must name blocks 0 .. depth-2 (the last block's context stream is pre-only); the
+    edges 0 and depth-2 are fine."""
+    with pytest.raises(ValueError, match=r"x_block_self_attn_layers \[.*\] outside blocks 0\.\.2"):
+        MMDiTXConfig(depth=4, x_block_self_attn_layers=layers)
+    assert MMDiTXConfig(depth=4, x_block_self_attn_layers=(2, 0)).x_block_self_attn_layers == (0, 2)
+
+
+def test_released_configs_are_the_spec_table():
+    """SPEC.md section 3.2, row by row (the model tests run reduced depths, so only this pins the released ones)."""
+    rows = {  # depth, hidden, heads, pos_embed max, qk_norm, x_block_self_attn_layers, MLP hidden
+        "sd3_medium": (24, 1536, 24, 192, None, (), 6144),
+        "sd3.5_medium": (24, 1536, 24, 384, "rms", tuple(range(13)), 6144),
+        "sd3.5_large": (38, 2432, 38, 192, "rms", (), 9728),
+    }
+    assert set(CONFIGS) == set(rows)
+    for name, (depth, hidden, heads, max_size, qk, attn2, mlp) in rows.items():
+        c = CONFIGS[name]
+        assert (c.depth, c.hidden_size, c.num_heads, c.pos_embed_max_size, c.qk_norm) == (depth, hidden, heads, max_size, qk)
+        assert c.x_block_self_attn_layers == attn2 and round(c.hidden_size * c.mlp_ratio) == mlp
+        assert (c.patch_size, c.in_channels, c.out_channels, c.adm_in_channels, c.context_dim) == (2, 16, 16, 2048, 4096)
+
+
 def test_official_key_layout_and_variants():
     """State dict keys are the official ones (SPEC.md §4); the released configs are recognised from shapes alone."""
     with torch.device("meta"):
