@@ -268,6 +268,12 @@ def test_input_errors():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("config", [42, 2.5, {"depth": 2}], ids=repr)
+def test_constructor_rejects_a_config_of_the_wrong_type(config):
+    with pytest.raises(TypeError, match=r"config must be an MMDiTXConfig or one of \['sd3_medium'"):
+        MMDiTX(config)
+
+
 def test_timestep_and_pooled_change_output():
     model = make_model(TINY_CONFIGS["sd3"])
     x, t, y, ctx = inputs(model.config)

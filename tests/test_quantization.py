@@ -170,6 +170,18 @@ def test_casts_and_moves_keep_fp8_weights():
     assert model8.dtype == torch.float32
 
 
+def test_replaced_fp8_scales_break_the_fusion_until_refused():
+    """A per-block FP8 scale that no longer points into the fused scales (e.g. load_state_dict(assign=True)) makes
+    the model not fused, so the modulation GEMM is rebuilt from the new scales instead of using stale ones."""
+    model8 = quantize_(make_model(TINY_CONFIGS["sd35_medium"]))
+    first, lin = model8._adaln_linears()[:2]
+    lin.weight_scale = lin.weight_scale * 2
+    assert not model8._adaln_is_fused()
+    model8._fuse_adaln()
+    rows = slice(first.out_features, first.out_features + lin.out_features)
+    assert model8._adaln_is_fused() and torch.equal(model8._adaln_s[rows], lin.weight_scale)
+
+
 def test_bytes():
     model = make_model(TINY_CONFIGS["sd35_medium"])
     layers = [model.get_submodule(n) for n in Q._fp8_targets(model)]
