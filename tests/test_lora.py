@@ -352,3 +352,10 @@ def test_fp8_gets_its_loras_before_quantizing(tmp_path):
     assert not torch.equal(layer.weight.float(), unfused.weight.float())
     with pytest.raises(FastSD35Error, match="cannot be fused into FP8 weights"):
         fp8.load_lora(path)
+    # the same from a model folder (the checkpoint loaders' path)
+    from fastsd35.tiny import write_tiny_model
+
+    loaded = Pipeline.from_pretrained(write_tiny_model(tmp_path / "model"), "tiny_random", device="cpu", dtype="fp8",
+                                      loras=[(path, 1.0)])  # fmt: skip
+    layer = loaded.transformer.joint_blocks[0].x_block.mlp.fc1
+    assert isinstance(layer, FP8Linear) and torch.equal(layer.weight.float(), expected.weight.float())

@@ -118,6 +118,7 @@ def test_official_folder_loads_the_same_model(tmp_path, tiny):
     folder = write_tiny_model(tmp_path / "models")
     loaded = Pipeline.from_pretrained(folder, "tiny_random", device="cpu")
     assert set(loaded.timings) == {"load"}
+    assert loaded.text_encoders.t5_tokens == tiny.text_encoders.t5_tokens == 256  # the default of both constructors
     np.testing.assert_array_equal(pixels(loaded("a house", **SMALL)), pixels(tiny("a house", **SMALL)))
 
 
@@ -181,6 +182,7 @@ def test_controlnet_pipeline(tmp_path, tiny):
     control = pipe.encode_control(edges_image(), 64, 48, seed=23)
     assert control.shape == (1, 16, 6, 8)
     steered = pixels(pipe("a house", control_image=control, **kw))
+    np.testing.assert_array_equal(pixels(pipe("a house", control_image=control, control_strength=1.0, **kw)), steered)
     torch.testing.assert_close(pipe.encode_control(edges_image(), 64, 48, seed=23), control, atol=0, rtol=0)
     np.testing.assert_array_equal(pixels(pipe("a house", control_image=edges_image(), **kw)), steered)
     # Strength 0 adds zero residuals: exactly the plain transformer's image at the same settings.
