@@ -155,3 +155,31 @@ def test_an_empty_tensor_is_valid(tmp_path):
     save_file({"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn), "w": torch.ones(2, 2)}, str(path))
     assert load_file(str(path))["scaled_fp8"].shape == (0,)
     assert safetensors_header(path)["scaled_fp8"]["shape"] == [0]
+
+
+def test_dtype_sizes_are_the_libraries():
+    """Our table of safetensors dtypes and element sizes agrees with the safetensors library's own dtype list (by
+    torch's element sizes) for every dtype both know."""
+    from safetensors import torch as st
+
+    from fastsd35.checkpoints import SAFETENSORS_DTYPES
+
+    theirs = {name: dtype.itemsize for name, dtype in st._TYPES.items()}
+    assert {n: SAFETENSORS_DTYPES[n] for n in theirs} == theirs
+    assert set(SAFETENSORS_DTYPES) - set(theirs) <= {"F8_E8M0"}  # one byte, newer than this library's list
+
+
+def test_shape_limits_at_their_boundaries(tmp_path):
+    """Up to 8 dimensions of at most 2**31 each pass the shape check; a ninth dimension, or a dimension one larger, is
+    refused as a shape (checkpoints.MAX_DIMS, MAX_DIM)."""
+
+    def header(shape):
+        return crafted(tmp_path / "b.safetensors", {"w": {"dtype": "U8", "shape": shape, "data_offsets": [0, 1]}}, b"x")
+
+    assert safetensors_header(header([1] * 8))["w"]["shape"] == [1] * 8
+    with pytest.raises(CheckpointError, match="has shape"):
+        safetensors_header(header([1] * 9))
+    with pytest.raises(CheckpointError, match="does not match its 1 bytes"):  # past the shape check
+        safetensors_header(header([2**31]))
+    with pytest.raises(CheckpointError, match="has shape"):
+        safetensors_header(header([2**31 + 1]))
