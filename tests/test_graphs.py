@@ -300,3 +300,31 @@ def test_graphs_and_eager_on_a_device_that_is_not_the_current_one():
     plain = Pipeline.from_preset("tiny_random", device="cuda:1", graphs=False)("a red cube", **kw)
     np.testing.assert_array_equal(np.asarray(generation.images[0]), np.asarray(plain[0]))
     assert set(generation.timings) == {"encode", "sample", "decode"} and torch.cuda.current_device() == 0
+
+
+def test_static_copies_never_alias_the_callers_tensors():
+    """A graph's input buffers are its own: the sampler reusing (or changing) its tensors after the capture must not
+    change what a replay reads until refresh() copies the next call in."""
+    from fastsd35.graphs import refresh, static_copies
+
+    x, sigma = torch.zeros(2, 3), torch.ones(2)
+    static = static_copies({"x": x, "sigma": sigma}, "cpu")
+    x += 5
+    assert static["x"].abs().sum() == 0 and static["x"].data_ptr() != x.data_ptr()
+    refresh(static, {"x": x, "sigma": sigma * 2})
+    assert torch.equal(static["x"], x) and torch.equal(static["sigma"], sigma * 2)
+
+
+@pytest.mark.parametrize("text", ["CUDA out of memory. Tried to allocate 2.00 GiB", "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"])
+def test_out_of_memory_is_found_by_either_message_and_through_a_cyclic_chain(text):
+    """Each of the two allocation-failure messages counts alone, also as the context of the error that reaches us;
+    an exception chain that loops back on itself ends the search instead of hanging it."""
+    from fastsd35.graphs import is_out_of_memory
+
+    cause = RuntimeError(text)
+    outer = RuntimeError("Capture must end on the same stream it began on")
+    outer.__context__ = cause
+    assert is_out_of_memory(cause) and is_out_of_memory(outer)
+    a, b = RuntimeError("a"), RuntimeError("b")
+    a.__context__, b.__context__ = b, a  # a cycle with no out-of-memory in it
+    assert not is_out_of_memory(a)
