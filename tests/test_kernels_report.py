@@ -150,3 +150,24 @@ def test_pointer_alignment_follows_the_view():
     assert report._Pointer(base).data_ptr() % 16 == 0
     assert report._Pointer(base[:, 8:]).data_ptr() % 16 == 0  # 16 bytes in
     assert report._Pointer(base[:, 4:]).data_ptr() % 16 == 8
+
+
+def test_fp8_output_variants_are_planned_for_16_bit_on_fp8_gpus_only():
+    """The FP8 path's row kernels (FP8_OUT) are in the report for bf16/fp16 on sm_89+ (the GPUs with FP8 GEMMs), both
+    kinds of row op, one and two outputs; never for fp32 (FP8 runs take 16-bit activations) or for sm_80. (The plan
+    only: nothing is compiled. Compiled mode, in a child process: the interpreter has no kernels to plan.)"""
+    code = (
+        "import json, torch\n"
+        "from fastsd35.kernels import report\n"
+        "jobs = report.plan([80, 90], [torch.bfloat16, torch.float32])\n"
+        "print(json.dumps([[j.variant.kernel, j.variant.arch, j.variant.dtype, j.variant.config] for j in jobs "
+        "if 'FP8_OUT=True' in j.variant.config]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
+                          env=compiled_mode_env(), cwd=ROOT, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    fp8 = json.loads(proc.stdout)
+    assert {(k, a, d) for k, a, d, _ in fp8} == {("ln_modulate", "sm_90", "bf16"),
+                                                 ("gated_residual_ln_modulate", "sm_90", "bf16")}
+    assert {"TWO=True" in c for k, _, _, c in fp8 if k == "ln_modulate"} == {True, False}
+    assert {"HAS_Y2=True" in c for k, _, _, c in fp8 if k == "gated_residual_ln_modulate"} == {True, False}
