@@ -161,6 +161,17 @@ def test_fp32_head_dim_limit_off_the_interpreter(monkeypatch):
     assert len(calls) == 2
 
 
+def test_every_candidate_tile_is_a_launchable_shape():
+    """Each config a GPU may time: power-of-two tiles of 16..128 rows (what tl.dot and the layouts take), 4 or 8
+    warps, 1..4 pipeline stages; the fp32 lists hold pointer-load tiles only."""
+    fp32 = kern.FP32_CONFIGS[80] + kern.FP32_CONFIGS[90]
+    for c in kern.POINTER_CONFIGS + kern.TMA_CONFIGS + fp32 + [kern.INTERPRETER_CONFIG]:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        assert all(16 <= b <= 128 and b & (b - 1) == 0 for b in (bm, bn)), c
+        assert c.num_warps in (4, 8) and 1 <= c.num_stages <= 4, c
+    assert all(c.kwargs["USE_TMA"] for c in kern.TMA_CONFIGS) and not any(c.kwargs["USE_TMA"] for c in fp32)
+
+
 def test_tma_needs_aligned_rows():
     """A q whose heads do not start on 16 bytes cannot be described to TMA: only pointer-load configs remain."""
     n = 1 * 2 * 256 * 64

@@ -117,6 +117,16 @@ def test_error_buffer_shapes():
         kern.split_qkv_rmsnorm(qkv, qw, kw, q.transpose(2, 3).contiguous().transpose(2, 3), k, v, 0)
 
 
+def test_error_weights_of_the_wrong_kind():
+    """The norm weights are checked like every other tensor: one dimension, on the outputs' device (a meta or
+    other-device weight would be read by the kernel from the wrong memory)."""
+    qkv, qw, kw, q, k, v = _args()
+    with pytest.raises(ValueError, match=r"k_weight .*device"):
+        kern.split_qkv_rmsnorm(qkv, qw, kw.to("meta"), q, k, v, 0)
+    with pytest.raises(ValueError, match=r"q_weight"):
+        kern.split_qkv_rmsnorm(qkv, qw[None], kw, q, k, v, 0)
+
+
 def test_error_head_dim():
     qkv, qw, kw, q, k, v = _args(Dh=32)
     with pytest.raises(ValueError, match="head dim 32 is not supported"):
