@@ -245,6 +245,8 @@ SMALL = dict(steps=2, width=64, height=48, progress=False)
         (dict(denoise=0.5), "denoise needs an init_image"),
         (dict(slg="yes"), "slg must be None, True, False or an SLGConfig, got 'yes'"),
         (dict(control_strength=float("nan")), "control_strength must be a finite number, got nan"),
+        (dict(control_image="edges.png"), "control_image must be a PIL.Image.Image, got the path 'edges.png'"),
+        (dict(control_image=np.zeros((8, 8, 3))), "control_image must be a PIL.Image.Image, got ndarray"),
     ],
 )
 def test_api_arguments(tiny, monkeypatch, kwargs, message):
