@@ -104,6 +104,10 @@ def test_img2img_and_slg(tiny):
     assert np.abs(pixels(gen.images) - pixels(plain.images)).max() > 10
     with pytest.raises(FastSD35Error, match=r"skip-layer guidance layers \(7, 8, 9\) do not exist in a 2-block model"):
         tiny("a house", slg=True, **SMALL)
+    last, past = (SLGConfig(scale=2.5, start=0.0, end=0.5, layers=(n,)) for n in (1, 2))  # blocks 0 and 1 exist
+    assert tiny.generate("a house", slg=last, **SMALL).settings.slg == last
+    with pytest.raises(FastSD35Error, match=r"skip-layer guidance layers \(2,\) do not exist in a 2-block model"):
+        tiny("a house", slg=past, **SMALL)
 
 
 def test_generation_reports_what_it_did(tiny):
