@@ -192,3 +192,17 @@ def test_truncated_by_a_few_bytes_at_every_boundary(tmp_path):
             safetensors_header(path)
     path.write_bytes(data)
     assert safetensors_header(path)  # the whole file is fine
+
+
+def test_diffusers_qkv_parts_are_stacked_q_k_v_whatever_the_key_order():
+    """Each block's q, k and v (and the context stream's) go into qkv in that order by their role, not by the order
+    the keys arrive in: a state dict listed backwards gives the same official tensors."""
+    from fastsd35.checkpoints import DiffusersTransformerSource
+
+    model = make_model(TINY_CONFIGS["sd35_medium"])
+    backwards = dict(reversed(list(make_diffusers(model).state_dict().items())))
+    source = DiffusersTransformerSource.from_state_dict(backwards)
+    official = model.state_dict()
+    for key in ("joint_blocks.0.x_block.attn.qkv.weight", "joint_blocks.0.context_block.attn.qkv.bias",
+                "joint_blocks.0.x_block.attn2.qkv.weight"):
+        assert torch.equal(source.get(key), official[key]), key
