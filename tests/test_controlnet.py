@@ -297,6 +297,18 @@ def test_canny_smoothing_is_a_gaussian_of_the_given_sigma():
             assert abs((k * x**2).sum().item() / sigma**2 - 1) < 0.04, sigma
 
 
+def test_canny_defaults_and_sigma_range():
+    """The documented defaults (thresholds 100 and 200, sigma 1) are the ones used; sigma 0 (no smoothing) and any
+    positive sigma are accepted, a negative one refused."""
+    image = square_image(80)  # a dim square: its edges pass the default high threshold (200), not 400
+    assert np.array_equal(edge_mask(canny(image)), edge_mask(canny(image, low=100.0, high=200.0, sigma=1.0)))
+    assert edge_mask(canny(image)).any() and not edge_mask(canny(image, high=400.0)).any()
+    for sigma in (0.0, 0.5):
+        canny(image, sigma=sigma)
+    with pytest.raises(FastSD35Error, match="canny sigma must be >= 0, got -0.5"):
+        canny(image, sigma=-0.5)
+
+
 def test_canny_hysteresis():
     """A square fading from 255 (left side: gradient ~650) to 50 (right side: ~130): the dim right side is kept when
     it passes `low` and is connected (along the top and bottom) to edges that pass `high`."""
