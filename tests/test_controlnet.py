@@ -17,6 +17,7 @@ from fastsd35.controlnet import (
     SD35_LARGE_CONTROLNET,
     ControlNet,
     ControlNetConfig,
+    blur,
     canny,
     check_compatible,
     control_latent,
@@ -303,6 +304,8 @@ def test_canny_defaults_and_sigma_range():
     image = square_image(80)  # a dim square: its edges pass the default high threshold (200), not 400
     assert np.array_equal(edge_mask(canny(image)), edge_mask(canny(image, low=100.0, high=200.0, sigma=1.0)))
     assert edge_mask(canny(image)).any() and not edge_mask(canny(image, high=400.0)).any()
+    photo = Image.fromarray(np.random.RandomState(3).randint(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(blur(photo)), np.asarray(blur(photo, radius=5.0)))  # blur's documented default
     for sigma in (0.0, 0.5):
         canny(image, sigma=sigma)
     with pytest.raises(FastSD35Error, match="canny sigma must be >= 0, got -0.5"):
