@@ -386,13 +386,21 @@ def _step_inputs(geo: Geometry, batch: int, n_ctx: int):
 
 @contextmanager
 def _fastsd35_step(cls, graphs: bool, geo: Geometry, inp):
-    from .graphs import CUDAGraphPasses
-    from .runner import TransformerPass
-
     if cls is FastMMDiTX:
         _need_triton(geo.device)
     model = random_weights_(cls.empty(geo.config, dtype=geo.dtype, device=geo.device))
-    step = TransformerPass(model)  # what the sampler calls, as the pipeline does
+    with _stepping(model, graphs, geo, inp, {"params": _params(model)}) as prepared:
+        yield prepared
+
+
+@contextmanager
+def _stepping(model, graphs: bool, geo: Geometry, inp, extra: dict):
+    """One denoiser step of `model` as the sampler calls it (TransformerPass, as the pipeline does), optionally
+    replayed from CUDA graphs, whose captures are freed on exit."""
+    from .graphs import CUDAGraphPasses
+    from .runner import TransformerPass
+
+    step = TransformerPass(model)
     if graphs:
         step = CUDAGraphPasses(step, geo.device)
 
@@ -401,7 +409,7 @@ def _fastsd35_step(cls, graphs: bool, geo: Geometry, inp):
             return step(inp.x, inp.sigma, inp.y, inp.context)
 
     try:
-        yield Prepared(fn, {"params": _params(model)})
+        yield Prepared(fn, extra)
     finally:
         if graphs:
             step.clear()
@@ -458,28 +466,15 @@ def diffusers_weights(geo: Geometry) -> dict:
 def _fastsd35_fp8_step(graphs: bool, geo: Geometry, inp):
     """FastMMDiTX as `--dtype fp8` runs it: the block Linears (random weights, quantized per channel) in FP8, FP8 GEMMs
     where the device has them (else bf16 GEMMs on the FP8 weights), the rest in the case's dtype."""
-    from .graphs import CUDAGraphPasses
     from .quantization import fp8_gemm_available, quantize_, weight_bytes
-    from .runner import TransformerPass
 
     _need_triton(geo.device)
     model = quantize_(random_weights_(FastMMDiTX.empty(geo.config, dtype=geo.dtype, device=geo.device)))
     if geo.device.type == "cuda":
         torch.cuda.empty_cache()  # the full-precision weights quantize_ replaced
-    step = TransformerPass(model)
-    if graphs:
-        step = CUDAGraphPasses(step, geo.device)
-
-    def fn():
-        with torch.inference_mode():
-            return step(inp.x, inp.sigma, inp.y, inp.context)
-
-    try:
-        yield Prepared(fn, {"params": _params(model), "weight_bytes": weight_bytes(model),
-                            "fp8_gemm": fp8_gemm_available(geo.device)})
-    finally:
-        if graphs:
-            step.clear()
+    extra = {"params": _params(model), "weight_bytes": weight_bytes(model), "fp8_gemm": fp8_gemm_available(geo.device)}
+    with _stepping(model, graphs, geo, inp, extra) as prepared:
+        yield prepared
 
 
 def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
