@@ -119,7 +119,8 @@ class CFGDenoiser:
                  control=None, split: bool = False):
         self.model, self.cfg, self.steps, self.slg, self.control, self.split = model, cfg, steps, slg, control, split
         (self.context, self.y), self.uncond = cond, uncond
-        if cfg > 1 and not split:
+        self.batched = cfg > 1 and not split  # cond and uncond as one pass of 2B
+        if self.batched:
             self.batched_context = torch.cat([cond[0], uncond[0]])
             self.batched_y = torch.cat([cond[1], uncond[1]])
 
@@ -135,9 +136,9 @@ class CFGDenoiser:
     def passes(self, x, sigma, skip: bool):
         """The denoised outputs of this step's passes: (cond, uncond or None when cfg <= 1, skip-layer or None)."""
         neg = skipped = None
-        if self.cfg > 1 and not self.split:
-            batched = self.denoise(torch.cat([x, x]), sigma, self.batched_context, self.batched_y, control=self.control)
-            pos, neg = batched.chunk(2)
+        if self.batched:
+            both = self.denoise(torch.cat([x, x]), sigma, self.batched_context, self.batched_y, control=self.control)
+            pos, neg = both.chunk(2)
         else:
             pos = self.denoise(x, sigma, self.context, self.y, control=self.control)
             if self.cfg > 1:

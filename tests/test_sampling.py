@@ -196,6 +196,20 @@ def test_samplers_converge_to_the_exact_flow_solution_at_their_order():
     assert errors["dpmpp_2m", 1000] < 1e-4
 
 
+@pytest.mark.parametrize("steps", [0, -1])
+def test_schedule_needs_a_step(steps):
+    with pytest.raises(ValueError, match=f"steps must be >= 1, got {steps}"):
+        get_sigmas(3.0, steps)
+
+
+def test_sampler_progress_bar_is_on_by_default(capsys):
+    """`sample` draws its progress bar (stderr) unless told not to."""
+    sample("euler", ideal_denoiser, torch.zeros(1), get_sigmas(3.0, 2))
+    assert "sampling" in capsys.readouterr().err
+    sample("euler", ideal_denoiser, torch.zeros(1), get_sigmas(3.0, 2), progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_unknown_sampler():
     with pytest.raises(ValueError, match="unknown sampler 'heun'"):
         sample("heun", ideal_denoiser, torch.zeros(1), get_sigmas(3.0, 2))
@@ -225,10 +239,11 @@ def conds(batch=2):
     return cond, uncond
 
 
-def test_cfg_is_one_batched_pass_cond_first():
+@pytest.mark.parametrize("cfg", [4.5, 1.5, 1.001])  # any cfg above 1 guides, however little
+def test_cfg_is_one_batched_pass_cond_first(cfg):
     model = RecordingModel()
     cond, uncond = conds()
-    den = CFGDenoiser(model, cond, uncond, cfg=4.5, steps=10)
+    den = CFGDenoiser(model, cond, uncond, cfg=cfg, steps=10)
     x = torch.randn(2, 16, 2, 2)
     sigma = torch.tensor(0.857692)
     out = den(x, sigma, 0)
@@ -237,7 +252,7 @@ def test_cfg_is_one_batched_pass_cond_first():
     s = model_sigma(sigma)
     pos = x - velocity(x, cond[1], cond[0]) * s
     neg = x - velocity(x, uncond[1], uncond[0]) * s
-    torch.testing.assert_close(out, neg + (pos - neg) * 4.5)
+    torch.testing.assert_close(out, neg + (pos - neg) * cfg)
 
 
 def test_cfg_at_most_one_runs_only_the_cond_pass():
