@@ -149,6 +149,39 @@ def test_unwritable_folder(tmp_path):
         check_output(tmp_path / "ro" / "out", NAMES, False, 1000)
 
 
+def test_free_space_and_name_limits_are_the_documented_ones(tmp_path, monkeypatch):
+    """README "Limits": a worst-case PNG is (3 x width + 1) x height bytes plus 1% and 64 KiB, 16 MiB more must stay
+    free (also for a folder whose names are not known yet), and names may be 255 bytes where the file system does
+    not say."""
+    raw = (3 * 1024 + 1) * 768
+    assert png_size_bound(1024, 768) == raw + raw // 100 + (64 << 10)
+    for nbytes in (0, 3 * png_size_bound(64, 48)):
+        for available, ok in ((nbytes + (16 << 20), True), (nbytes + (16 << 20) - 1, False)):
+            monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p, a=available: shutil._ntuple_diskusage(1 << 40, 0, a))
+            if ok:
+                check_output(tmp_path, NAMES, False, nbytes)
+                if nbytes == 0:
+                    with outputs.output_folder(tmp_path):
+                        pass
+            else:
+                with pytest.raises(FastSD35Error, match="not enough free space"):
+                    check_output(tmp_path, NAMES, False, nbytes)
+                if nbytes == 0:
+                    with pytest.raises(FastSD35Error, match="not enough free space"):
+                        with outputs.output_folder(tmp_path):
+                            pass
+    monkeypatch.undo()
+
+    def no_pathconf(path, name):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(outputs.os, "pathconf", no_pathconf)
+    fits = "x" * (255 - len("-9999.png")) + ".png"  # the longest name a collision could give: name-9999.png
+    check_output(tmp_path, [fits], False, 0)
+    with pytest.raises(FastSD35Error, match="longer than the file system's limit of 255 bytes"):
+        check_output(tmp_path, ["x" + fits], False, 0)
+
+
 def test_png_size_bound_holds_for_noise():
     import io
 

@@ -1,6 +1,9 @@
 """The Pipeline end to end on the tiny model: parity with diffusers' StableDiffusion3Pipeline built from the same
 components, determinism, loading from official and diffusers folders, and missing-file errors."""
 
+import dataclasses
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -111,11 +114,29 @@ def test_img2img_and_slg(tiny):
 
 
 def test_generation_reports_what_it_did(tiny):
+    started = time.perf_counter()
     gen = tiny.generate(["one", "two"], ["n1", "n2"], seed=3, **SMALL)
+    wall = time.perf_counter() - started
     assert gen.seeds == [3, 4] and gen.prompts == ["one", "two"] and gen.negative_prompts == ["n1", "n2"]
     assert set(gen.timings) == {"encode", "sample", "decode"} and gen.settings.steps == 4
+    assert all(0 < seconds for seconds in gen.timings.values()) and sum(gen.timings.values()) <= wall  # durations
     with pytest.raises(FastSD35Error, match="got 2 prompts and 3 negative prompts"):
         tiny.generate(["one", "two"], ["a", "b", "c"], **SMALL)
+
+
+def test_a_vae_of_another_model_is_refused(tmp_path, tiny):
+    """A 4-channel (SD1/SDXL-style) VAE beside a 16-channel transformer: one CheckpointError at load, in the
+    constructor and through a model folder."""
+    from fastsd35.tiny import save_model_folder
+    from fastsd35.vae import TINY_VAE_CONFIG, SDVAE
+
+    vae4 = SDVAE(dataclasses.replace(TINY_VAE_CONFIG, latent_channels=4)).eval()
+    message = "the VAE has 4 latent channels but the transformer takes 16: they come from different models"
+    with pytest.raises(CheckpointError, match=message):
+        Pipeline(tiny.transformer, vae4, tiny.text_encoders, "tiny_random")
+    folder = save_model_folder(tmp_path / "mixed", tiny.transformer, vae4, tiny.text_encoders)
+    with pytest.raises(CheckpointError, match=message):
+        Pipeline.from_pretrained(folder, "tiny_random", device="cpu")
 
 
 def test_official_folder_loads_the_same_model(tmp_path, tiny):
