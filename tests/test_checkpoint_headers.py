@@ -36,6 +36,23 @@ def test_any_header_length_is_accepted(tmp_path, low):
     assert safetensors_header(path)["w"]["shape"] == [2, 3]  # ... and so do we
 
 
+@pytest.mark.parametrize("protocol", range(2, pickle.HIGHEST_PROTOCOL + 1))
+def test_every_binary_pickle_protocol_is_named(tmp_path, protocol):
+    path = tmp_path / "model.bin"
+    path.write_bytes(pickle.dumps({"w": [1.0]}, protocol=protocol))  # written here, never unpickled
+    with pytest.raises(CheckpointError, match=r"model\.bin: this is a PyTorch pickle checkpoint \(\.ckpt"):
+        safetensors_header(path)
+
+
+@pytest.mark.parametrize("head", [b"\x80\x01", b"\x80\x06", b"\x81\x02"])
+def test_bytes_next_to_the_pickle_opcode_are_not_called_pickle(tmp_path, head):
+    """PROTO is 0x80 followed by a protocol 2..5: anything else that fails to parse is just not safetensors."""
+    path = tmp_path / "model.bin"
+    path.write_bytes(head + b"\xff" * 30)
+    with pytest.raises(CheckpointError, match=r"model\.bin: not a safetensors file \(no valid header\)"):
+        safetensors_header(path)
+
+
 def test_zip_and_pickle_streams_are_named_not_loaded(tmp_path):
     pickled = tmp_path / "model.ckpt"
     pickled.write_bytes(pickle.dumps({"state_dict": {"w": [1.0, 2.0]}}, protocol=2))  # written here, never unpickled

@@ -113,9 +113,25 @@ def test_overwrite_onto_a_folder(tmp_path):
     with pytest.raises(FastSD35Error, match=f"--overwrite cannot replace {tmp_path / NAMES[0]}: it is not a file"):
         check_output(tmp_path, NAMES, True, 1000)
     check_output(tmp_path, NAMES, False, 1000)  # without --overwrite the image goes to name-2.png
-    with pytest.raises(FastSD35Error, match="could not be written"):  # a folder that appears after the check
+    with pytest.raises(FastSD35Error, match="could not be written to .*: a folder is in the way"):  # appeared later
         write_png(tmp_path, NAMES[0], b"x", overwrite=True)
     assert leftovers(tmp_path) == [NAMES[0]] and (tmp_path / NAMES[0]).is_dir()
+
+
+def test_collision_names_stop_at_9999(tmp_path, monkeypatch):
+    """name.png, name-2.png, ... name-9999.png (the longest name check_output allows for), then one error and no
+    temporary file left."""
+    tried = []
+
+    def taken(src, dst):
+        tried.append(os.path.basename(dst))
+        raise FileExistsError(17, "File exists", dst)
+
+    monkeypatch.setattr(outputs.os, "link", taken)
+    with pytest.raises(FastSD35Error, match=r"too many files named a-N\.png in "):
+        write_png(tmp_path, "a.png", b"x")
+    assert len(tried) == 9999 and tried[:2] == ["a.png", "a-2.png"] and tried[-1] == "a-9999.png"
+    assert leftovers(tmp_path) == []
 
 
 def test_names_too_long_for_the_file_system(tmp_path):
