@@ -143,6 +143,35 @@ def test_diffusers_folder_errors(tmp_path):
         load_transformer(tmp_path, device="cpu")
 
 
+def test_diffusers_folder_with_keys_of_another_model_is_refused(tmp_path):
+    """A diffusers transformer folder whose file holds tensors no SD3/SD3.5 transformer has (another model's
+    transformer, or a merge gone wrong) is refused naming the first four, not loaded with them dropped."""
+    from safetensors.torch import load_file
+
+    make_diffusers(make_model(TINY_CONFIGS["sd3"])).save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    weights = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    load_transformer(tmp_path, device="cpu")  # as saved: loads
+    extra = {f"single_transformer_blocks.{i}.proj_mlp.weight": torch.zeros(2, 2) for i in range(5)}
+    save_file({**tensors, **extra}, str(weights))
+    with pytest.raises(CheckpointError, match=r"transformer: unexpected diffusers keys single_transformer_blocks\.0\.proj_mlp"
+                                              r"\.weight, .* \.\.\.: not an SD3/SD3\.5 transformer"):
+        load_transformer(tmp_path, device="cpu")
+
+
+def test_a_closed_source_reopens_its_files(tmp_path):
+    """TensorSource.close() releases the files it had open; reading again afterwards opens them anew."""
+    from fastsd35.checkpoints import TensorSource
+
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.arange(4.0)}, str(path))
+    source = TensorSource.from_file(path)
+    first = source.get("a")
+    source.close()
+    assert torch.equal(source.get("a"), first)
+    source.close()
+
+
 def test_folder_that_is_not_diffusers(tmp_path):
     (tmp_path / "clip_l.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"not a diffusers model folder .* found: clip_l\.safetensors"):
