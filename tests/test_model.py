@@ -1,5 +1,7 @@
 """MMDiTX against diffusers' SD3Transformer2DModel (weights converted by diffusers' own converter)."""
 
+import inspect
+
 import pytest
 import torch
 from conftest import TINY_CONFIGS
@@ -153,6 +155,29 @@ def test_reference_constructor(tiny_config):
     assert model.config == tiny_config
     ours = MMDiTX(tiny_config)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+
+
+def test_reference_constructor_defaults_are_the_references():
+    """Arguments left out take mmditx.MMDiTX's defaults (its __init__ signature in Stability AI's sd3.5 repository):
+    depth 28, patch 2, 4 input channels, mlp ratio 4, qkv bias, no qk norm, no x-only attention layers."""
+    reference_defaults = dict(input_size=32, patch_size=2, in_channels=4, depth=28, mlp_ratio=4.0, learn_sigma=False,
+                              adm_in_channels=None, context_embedder_config=None, register_length=0, rmsnorm=False,
+                              scale_mod_only=False, swiglu=False, out_channels=None, pos_embed_scaling_factor=None,
+                              pos_embed_offset=None, pos_embed_max_size=None, num_patches=None, qk_norm=None,
+                              qkv_bias=True, verbose=False)  # fmt: skip
+    signature = inspect.signature(MMDiTXConfig.from_reference_kwargs).parameters
+    assert {k: signature[k].default for k in reference_defaults} == reference_defaults
+    assert tuple(signature["x_block_self_attn_layers"].default) == ()
+    config = MMDiTX(pos_embed_max_size=8, device="meta").config  # every other argument left at its default
+    assert (config.depth, config.patch_size, config.in_channels, config.mlp_ratio) == (28, 2, 4, 4.0)
+    assert config.qkv_bias and config.qk_norm is None and config.x_block_self_attn_layers == ()
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+def test_from_state_dict_keeps_the_weights_dtype_unless_told(dtype):
+    weights = {k: v.to(torch.bfloat16) for k, v in make_model(TINY_CONFIGS["sd3"]).state_dict().items()}
+    model = FastMMDiTX.from_state_dict(weights, dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype or torch.bfloat16}
 
 
 @pytest.mark.parametrize("option, value", [("swiglu", True), ("rmsnorm", True), ("register_length", 4), ("scale_mod_only", True)])
