@@ -1,6 +1,7 @@
 """MMDiTX against diffusers' SD3Transformer2DModel (weights converted by diffusers' own converter)."""
 
 import inspect
+import re
 
 import pytest
 import torch
@@ -261,6 +262,13 @@ def test_adaln_fusion_survives_conversion_and_assign():
     torch.testing.assert_close(fresh(x, t, y, ctx), expected, atol=0, rtol=0)
     assert fresh._adaln_is_fused()
 
+    # converted while not fused (assigned, no forward yet): the assigned weights are converted, not a stale matrix
+    fresh = MMDiTX.empty(config, dtype=torch.float32, device="cpu")
+    fresh.load_state_dict(sd, assign=True)
+    fresh.double()
+    assert all(v.dtype == torch.float64 for v in fresh.state_dict().values())
+    torch.testing.assert_close(fresh.float()(x, t, y, ctx), expected, atol=0, rtol=0)
+
 
 @torch.no_grad()
 def test_modulations_are_one_gemm(monkeypatch):
@@ -290,6 +298,10 @@ def test_input_errors():
         model(torch.randn(1, 16, 34, 8), t[:1], y[:1], ctx[:1])
     with pytest.raises(ValueError, match="context is required"):
         model(x, t, y)
+    assert x.shape[0] == 2
+    for wrong in (t[:1], t[:, None], torch.cat([t, t])):  # one timestep per image, as a (B,) vector
+        with pytest.raises(ValueError, match=rf"t must be \(B,\) = \(2,\), got {re.escape(str(tuple(wrong.shape)))}"):
+            model(x, wrong, y, ctx)
 
 
 @torch.no_grad()
