@@ -184,8 +184,13 @@ def test_batch_scale_and_timestep(main, cn):
     for a, b in zip(hs, cn(main, x, sigma, y, cond, scale=0.5)):
         torch.testing.assert_close(0.5 * a, b, atol=0, rtol=0)
     assert all((a - b).abs().max() > 1e-2 for a, b in zip(hs, cn(main, x, sigma + 0.05, y, cond)))
+    same = sigma[:1].expand(3)  # one sigma for the batch, given as a scalar (how the sampler steps pass it)
+    for a, b in zip(cn(main, x, same, y, cond), cn(main, x, same[0], y, cond)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
     with pytest.raises(ValueError, match="control latent must be"):
         cn(main, x, sigma, y, cond[..., :8])
+    with pytest.raises(ValueError, match=r"sigma must be \(3,\) and y \(3, \d+\), got \(2,\)"):
+        cn(main, x, sigma[:2], y, cond)
 
 
 @torch.no_grad()
