@@ -80,9 +80,13 @@ def test_cache_captures_once_per_key_and_refreshes_inputs_every_call():
     assert out is not passes(**calls[0][0])  # a copy: the next replay does not overwrite what the caller holds
 
 
-def test_graphs_refuse_the_cpu():
+def test_graphs_refuse_the_cpu(monkeypatch):
     with pytest.raises(ValueError, match=r"CUDA graphs need a CUDA device, not cpu: run the pass eagerly \(--no-graphs\)"):
         CUDAGraphPasses(lambda *a, **k: None, "cpu")
+    # a CUDA device asked for where there is none: the same one line, not an error from inside torch.cuda
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"CUDA graphs need a CUDA device, not cuda:0: run the pass eagerly"):
+        CUDAGraphPasses(lambda *a, **k: None, "cuda:0")
 
 
 def capture_invalidated_by_oom():
