@@ -117,6 +117,23 @@ def test_gated_residual(shape, dtype, strided):
     assert_within_tolerance(out, torch_gated(x, y, gate), ref.gated_residual(*upcast(x, y, gate)), "gated_residual")
 
 
+def test_each_vector_keeps_its_own_batch_stride():
+    """Modulation vectors need not come from one tensor: each here has its own row stride (D + 8j), so a launcher
+    that passes one vector's stride for another's reads the wrong rows of batch 1."""
+    B, L, D, dtype = 2, 3, 72, torch.float32
+    v = [randn((B, D + 8 * (j + 1)), dtype, 20 + j, scale=0.5)[:, :D] for j in range(6)]
+    assert len({t.stride(0) for t in v}) == 6
+    x, y, y2 = rows(B, L, D, dtype, 0, scale=2.0), rows(B, L, D, dtype, 1), rows(B, L, D, dtype, 2)
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kern.ln_modulate(x, v[0], v[1]), ref.ln_modulate(x, v[0], v[1]), **close)
+    for got, want in zip(kern.ln_modulate2(x, v[0], v[1], v[2], v[3]), ref.ln_modulate2(x, v[0], v[1], v[2], v[3])):
+        torch.testing.assert_close(got, want, **close)
+    for args in ((x, y, v[0], v[1], v[2]), (x, y, v[0], v[1], v[2], y2, v[3])):
+        for got, want in zip(kern.gated_residual_ln_modulate(*args), ref.gated_residual_ln_modulate(*args)):
+            torch.testing.assert_close(got, want, **close)
+    torch.testing.assert_close(kern.gated_residual(x, y, v[4]), ref.gated_residual(x, y, v[4]), **close)
+
+
 def test_non_unit_last_stride_is_copied():
     """x with a transposed last dimension (stride != 1) gives the same result as its contiguous copy."""
     B, L, D = 2, 3, 72
