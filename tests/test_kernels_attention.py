@@ -237,6 +237,13 @@ def test_error_mismatched_inputs():
         kern.joint_attention(q, k, v.half(), out_ctx, out_x, 5)
     with pytest.raises(ValueError, match="out_x has dtype torch.float16"):
         kern.joint_attention(q, k, v, out_ctx, out_x.half(), 5)
+    # q itself: the tensor the others are checked against
+    with pytest.raises(ValueError, match=r"q must have 4 dimensions, got shape \(2, 20, 64\)"):
+        kern.joint_attention(q[0], k, v, out_ctx, out_x, 5)
+    with pytest.raises(ValueError, match="q must be a torch.Tensor, got ndarray"):
+        kern.joint_attention(q.numpy(), k, v, out_ctx, out_x, 5)
+    with pytest.raises(ValueError, match=r"q has dtype torch.float64; supported: float32, float16, bfloat16"):
+        kern.joint_attention(q.double(), k.double(), v.double(), out_ctx, out_x, 5)
 
 
 def test_error_head_dim():
