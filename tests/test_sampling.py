@@ -1,5 +1,6 @@
 """Schedule, samplers and denoisers against SPEC.md §5 and hand computation."""
 
+import dataclasses
 import math
 
 import pytest
@@ -253,6 +254,31 @@ def test_cfg_is_one_batched_pass_cond_first(cfg):
     pos = x - velocity(x, cond[1], cond[0]) * s
     neg = x - velocity(x, uncond[1], uncond[0]) * s
     torch.testing.assert_close(out, neg + (pos - neg) * cfg)
+
+
+@pytest.mark.parametrize("cfg", [4.5, 1.5, 1.001, 1.0])
+def test_split_cfg_is_two_passes_cond_then_uncond(cfg):
+    """split=True (a CFG-parallel pair's numerics): the same guidance from a cond pass and an uncond pass of the
+    batch each; at cfg 1 only the cond pass."""
+    model = RecordingModel()
+    cond, uncond = conds()
+    x, sigma = torch.randn(2, 16, 2, 2), torch.tensor(0.857692)
+    out = CFGDenoiser(model, cond, uncond, cfg=cfg, steps=10, split=True)(x, sigma, 0)
+    s = model_sigma(sigma)
+    pos = x - velocity(x, cond[1], cond[0]) * s
+    if cfg > 1:
+        assert [c["batch"] for c in model.calls] == [2, 2]
+        assert model.calls[0]["y"].eq(0.5).all() and model.calls[1]["y"].eq(0.0).all()
+        neg = x - velocity(x, uncond[1], uncond[0]) * s
+        torch.testing.assert_close(out, neg + (pos - neg) * cfg)
+    else:
+        assert [c["batch"] for c in model.calls] == [2]
+        torch.testing.assert_close(out, pos)
+
+
+def test_slg_defaults_are_the_reference_medium_config():
+    """SPEC.md §2.2 CONFIGS table, sd3.5_medium's skip_layer_config: scale 2.5, start 0.01, end 0.20, layers 7-9, cfg 4.0."""
+    assert dataclasses.astuple(SLGConfig()) == (2.5, 0.01, 0.20, (7, 8, 9), 4.0)
 
 
 def test_cfg_at_most_one_runs_only_the_cond_pass():
