@@ -85,11 +85,8 @@ class Pipeline:
         if vae.config.latent_channels != transformer.in_channels:
             raise CheckpointError(f"the VAE has {vae.config.latent_channels} latent channels but the transformer takes "
                                   f"{transformer.in_channels}: they come from different models")
-        on_cuda = transformer.device.type == "cuda"
-        if graphs and not on_cuda:
-            raise FastSD35Error(f"CUDA graphs need a CUDA device; the transformer is on {transformer.device}")
         self.model_pass = TransformerPass(transformer, controlnet)
-        if on_cuda and graphs is not False:
+        if use_graphs(graphs, transformer.device):
             self.model_pass = CUDAGraphPasses(self.model_pass, transformer.device)
         self.timings: dict[str, float] = {}
         self.loras: list[tuple[str, float]] = []  # (file, scale) fused into the transformer, in order
@@ -391,6 +388,15 @@ def check_finite(x: torch.Tensor, stage: str, s: Settings, control_strength: flo
     cause = (f"the extreme {' and '.join(extreme)}" if extreme
              else "NaN or infinite weights in a checkpoint, or a dtype too narrow for it (try --dtype fp32)")
     raise FastSD35Error(f"{stage} produced NaN or infinite values; likely cause: {cause}. No image was written")
+
+
+def use_graphs(graphs: bool | None, device: torch.device) -> bool:
+    """Whether the transformer passes replay from CUDA graphs: `graphs` None means on CUDA, off elsewhere; True where
+    the transformer is not on CUDA is an error."""
+    on_cuda = device.type == "cuda"
+    if graphs and not on_cuda:
+        raise FastSD35Error(f"CUDA graphs need a CUDA device; the transformer is on {device}")
+    return on_cuda and graphs is not False
 
 
 def _text_encoder_device(requested: str, device: torch.device, t5: bool) -> torch.device:

@@ -209,6 +209,12 @@ def test_stages_synchronise_the_models_device(monkeypatch):
     assert synced == [torch.device("cuda:1")] * 2 and "sample" in timings
 
 
+@pytest.mark.parametrize("graphs, device, replayed", [(None, "cuda:0", True), (True, "cuda:1", True),
+                                                     (False, "cuda:0", False), (None, "cpu", False), (False, "cpu", False)])
+def test_graphs_are_on_by_default_on_cuda_only(graphs, device, replayed):
+    assert runner.use_graphs(graphs, torch.device(device)) is replayed
+
+
 def test_cpu_pipeline_runs_eagerly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     pipe = Pipeline.from_preset("tiny_random", device="cpu")

@@ -1,8 +1,10 @@
 """The Pipeline end to end on the tiny model: parity with diffusers' StableDiffusion3Pipeline built from the same
 components, determinism, loading from official and diffusers folders, and missing-file errors."""
 
+import contextlib
 import dataclasses
 import time
+import types
 
 import numpy as np
 import pytest
@@ -231,6 +233,58 @@ def test_controlnet_for_another_transformer_is_refused(tmp_path):
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "cn.safetensors"))
     with pytest.raises(CheckpointError, match=r"cn\.safetensors \(a 1-block ControlNet, hidden size 192\) does not fit the custom transformer"):
         Pipeline.from_preset("tiny_random", device="cpu", controlnet=tmp_path / "cn.safetensors")
+
+
+def test_an_unfit_controlnet_is_refused_before_the_vae_and_text_encoders_load(tmp_path, monkeypatch):
+    """From files, the ControlNet is checked against the transformer as soon as both are loaded: a real T5-XXL takes
+    minutes to load, so the mismatch must not wait for it."""
+    from safetensors.torch import save_file
+
+    from fastsd35 import tiny as tiny_module
+    from fastsd35.controlnet import ControlNet, ControlNetConfig
+
+    other = ControlNet(ControlNetConfig(num_layers=1, hidden_size=192, pooled_dim=64))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "cn.safetensors"))
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("loaded before the ControlNet was checked")
+
+    monkeypatch.setattr(fastsd35.runner, "load_vae", too_late)
+    monkeypatch.setattr(fastsd35.runner, "load_text_encoders", too_late)
+    with pytest.raises(CheckpointError, match=r"cn\.safetensors \(a 1-block ControlNet, hidden size 192\) does not fit"):
+        Pipeline.from_pretrained(tiny_module.trained_model_dir(), "tiny", device="cpu", controlnet=tmp_path / "cn.safetensors")
+
+
+def test_control_latent_needs_a_controlnet(tiny):
+    with pytest.raises(FastSD35Error, match=r"a control image needs a ControlNet \(--controlnet\)"):
+        tiny.encode_control(edges_image(), 64, 48, seed=1)
+
+
+@pytest.mark.parametrize("t5, need", [(True, 11.2e9 + 6e9), (False, 1.7e9 + 6e9)])
+def test_text_encoders_go_to_the_gpu_only_with_room_to_sample_beside_them(monkeypatch, t5, need):
+    """--text-encoder-device auto: the encoders (T5-XXL + CLIPs ~11.2 GB in bf16, the CLIPs alone ~1.7 GB) stay on
+    the GPU only when more than that plus 6 GB for sampling at 1024^2 is free; otherwise the CPU. (Faked free memory:
+    the rule, not the GPU.)"""
+    gpu = torch.device("cuda:0")
+    for free, where in ((need + 1, gpu), (need, torch.device("cpu"))):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free: (int(f), 80 << 30))
+        assert fastsd35.runner._text_encoder_device("auto", gpu, t5) == where
+    assert fastsd35.runner._text_encoder_device("cpu", gpu, t5) == torch.device("cpu")
+    assert fastsd35.runner._text_encoder_device("auto", torch.device("cpu"), t5) == torch.device("cpu")
+
+
+def test_text_encoders_leave_a_gpu_short_of_room_to_sample(monkeypatch):
+    """Before sampling: encoders on a GPU with less than 6 GB free move to the CPU; with 6 GB they stay."""
+    moved = []
+    encoders = types.SimpleNamespace(device=torch.device("cuda:0"), to=lambda device: moved.append(device))
+    pipe = types.SimpleNamespace(text_encoders=encoders)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    for free, expected in ((int(6e9), []), (int(6e9) - 1, ["cpu"])):
+        moved.clear()
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free: (f, 80 << 30))
+        Pipeline._make_room_for_sampling(pipe)
+        assert moved == expected, free
 
 
 @torch.no_grad()
