@@ -10,7 +10,7 @@ import pytest
 
 from fastsd35 import outputs
 from fastsd35.errors import FastSD35Error
-from fastsd35.outputs import check_output, png_size_bound, write_png
+from fastsd35.outputs import check_output, image_name, png_size_bound, slug, write_png
 
 NAMES = ["tiny_random_a_23.png", "tiny_random_a_24.png"]
 
@@ -116,6 +116,15 @@ def test_overwrite_onto_a_folder(tmp_path):
     with pytest.raises(FastSD35Error, match="could not be written to .*: a folder is in the way"):  # appeared later
         write_png(tmp_path, NAMES[0], b"x", overwrite=True)
     assert leftovers(tmp_path) == [NAMES[0]] and (tmp_path / NAMES[0]).is_dir()
+
+
+def test_file_names_follow_the_documented_slug():
+    """README: lower case, each run of characters other than a-z and 0-9 one "-", at most 48 characters (no "-" left
+    at the cut), "untitled" when nothing is left."""
+    assert image_name("large_turbo", "A photo of a Red cube!", 23) == "large_turbo_a-photo-of-a-red-cube_23.png"
+    assert slug("x" * 48) == "x" * 48 and slug("x" * 49) == "x" * 48
+    assert slug("x" * 47 + " yz") == "x" * 47  # the cut falls on the "-": dropped, not kept as a trailing dash
+    assert slug("  Ünïcode / ** ") == "n-code" and slug("!!!") == slug("") == "untitled"
 
 
 def test_collision_names_stop_at_9999(tmp_path, monkeypatch):
