@@ -100,6 +100,11 @@ def test_file_without_transformer(tmp_path):
     save_file({"first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3)}, str(path))
     with pytest.raises(CheckpointError, match=r"vae\.safetensors: no transformer weights \(expected keys 'model\.diffusion_model\.\*'\); found 1 tensors such as first_stage_model"):
         load_transformer(path, device="cpu")
+    # a file of many tensors: the count, and the first three names in order as examples
+    save_file({f"cond_stage_model.{c}.weight": torch.zeros(1) for c in "edcba"}, str(path))
+    with pytest.raises(CheckpointError, match=r"found 5 tensors such as cond_stage_model\.a\.weight, "
+                                              r"cond_stage_model\.b\.weight, cond_stage_model\.c\.weight$"):
+        load_transformer(path, device="cpu")
 
 
 def edited_file(tmp_path, edit):

@@ -229,6 +229,14 @@ def test_from_png_without_metadata(tmp_path, capsys):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     fails(capsys, f"{plain} has no fastsd35 metadata", "--from-png", plain, "--out", tmp_path / "o", out=tmp_path)
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("fastsd35", '{"prompt": "cut off')  # a record whose JSON was damaged
+    broken = tmp_path / "broken.png"
+    Image.new("RGB", (8, 8)).save(broken, pnginfo=info)
+    fails(capsys, f"{broken}: its fastsd35 metadata is not valid JSON", "--from-png", broken, "--out", tmp_path / "o",
+          out=tmp_path)  # fmt: skip
 
 
 def test_interrupt_leaves_no_partial_png(tmp_path, capsys, monkeypatch):
