@@ -140,6 +140,9 @@ def test_official_key_names_match_diffusers_converter():
     assert shapes["time_text_embed.text_embedder.linear_1.weight"] == (2432, 2048)
     assert "pos_embed.proj.weight" not in shapes and "transformer_blocks.19.attn.qkv.weight" not in shapes
     assert ControlNetConfig.from_shapes(shapes) == SD35_LARGE_CONTROLNET and SD35_LARGE_CONTROLNET.is_8b
+    odd = shapes | {"pos_embed_input.proj.weight": (2400, 16, 2, 2)}  # 2400 = 37.5 heads of 64
+    with pytest.raises(CheckpointError, match="cn: hidden size 2400 is not a multiple of 64"):
+        ControlNetConfig.from_shapes(odd, source="cn")
 
 
 # -- reference semantics ------------------------------------------------------------------------------------------

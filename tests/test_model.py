@@ -9,7 +9,7 @@ from conftest import TINY_CONFIGS
 from diffusers import SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
-from fastsd35 import kernels
+from fastsd35 import CheckpointError, kernels
 from fastsd35.model import CONFIGS, FastMMDiTX, MMDiTX, MMDiTXConfig
 from fastsd35.tiny import randomize_
 
@@ -228,6 +228,9 @@ def test_official_key_layout_and_variants():
             shapes = {k: tuple(v.shape) for k, v in MMDiTX(config).state_dict().items()}
         assert MMDiTXConfig.from_shapes(shapes) == config
         assert config.variant == name
+    odd = shapes | {"x_embedder.proj.weight": (2400, 16, 2, 2)}  # 2400 = 37.5 heads of 64
+    with pytest.raises(CheckpointError, match="sd3x: hidden size 2400 is not a multiple of 64"):
+        MMDiTXConfig.from_shapes(odd, source="sd3x")
     with torch.device("meta"):
         medium = MMDiTX("sd3.5_medium").state_dict()
     assert medium["pos_embed"].shape == (1, 147456, 1536)
