@@ -183,6 +183,7 @@ def test_capture_happens_on_the_models_device_not_the_current_one(monkeypatch):
     assert capturer.pool == ("pool", 1)
     replay, _ = capturer.capture(lambda: torch.zeros(1))
     replay()
+    assert [e for e in cuda.events if e[0] == "replay"] == [("replay", None, 1)]  # replayed once, with cuda:1 current
     assert cuda.events and all(device in (None, torch.device("cuda:1")) and current == 1
                                for _, device, current in cuda.events), cuda.events
     assert ("capture on", torch.device("cuda:1"), 1) in cuda.events and cuda.current == 0

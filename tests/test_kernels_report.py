@@ -7,6 +7,7 @@ of each kernel and load style, bf16, for sm_80 and sm_90 (the full set takes ten
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,22 +153,50 @@ def test_pointer_alignment_follows_the_view():
     assert report._Pointer(base[:, 4:]).data_ptr() % 16 == 8
 
 
-def test_fp8_output_variants_are_planned_for_16_bit_on_fp8_gpus_only():
-    """The FP8 path's row kernels (FP8_OUT) are in the report for bf16/fp16 on sm_89+ (the GPUs with FP8 GEMMs), both
-    kinds of row op, one and two outputs; never for fp32 (FP8 runs take 16-bit activations) or for sm_80. (The plan
-    only: nothing is compiled. Compiled mode, in a child process: the interpreter has no kernels to plan.)"""
+@pytest.fixture(scope="module")
+def planned():
+    """Every planned variant for sm_80 and sm_90, bf16 and fp32, as [kernel, arch, dtype, config]. (The plan only:
+    nothing is compiled. Compiled mode, in a child process: the interpreter has no kernels to plan.)"""
     code = (
         "import json, torch\n"
         "from fastsd35.kernels import report\n"
         "jobs = report.plan([80, 90], [torch.bfloat16, torch.float32])\n"
-        "print(json.dumps([[j.variant.kernel, j.variant.arch, j.variant.dtype, j.variant.config] for j in jobs "
-        "if 'FP8_OUT=True' in j.variant.config]))\n"
+        "print(json.dumps([[j.variant.kernel, j.variant.arch, j.variant.dtype, j.variant.config] for j in jobs]))\n"
     )
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
                           env=compiled_mode_env(), cwd=ROOT, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    fp8 = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_fp8_output_variants_are_planned_for_16_bit_on_fp8_gpus_only(planned):
+    """The FP8 path's row kernels (FP8_OUT) are in the report for bf16/fp16 on sm_89+ (the GPUs with FP8 GEMMs), both
+    kinds of row op, one and two outputs; never for fp32 (FP8 runs take 16-bit activations) or for sm_80."""
+    fp8 = [row for row in planned if "FP8_OUT=True" in row[3]]
     assert {(k, a, d) for k, a, d, _ in fp8} == {("ln_modulate", "sm_90", "bf16"),
                                                  ("gated_residual_ln_modulate", "sm_90", "bf16")}
     assert {"TWO=True" in c for k, _, _, c in fp8 if k == "ln_modulate"} == {True, False}
     assert {"HAS_Y2=True" in c for k, _, _, c in fp8 if k == "gated_residual_ln_modulate"} == {True, False}
+
+
+def test_every_launch_form_the_model_uses_is_planned(planned):
+    """Per arch and dtype, each kernel's constexpr switches (tile sizes and warps aside) take every combination the
+    model launches: one and two modulations, the residual with and without y2 and norm, q/k with and without RMSNorm,
+    both released hidden sizes (BLOCK_D 2048 for Medium's 1536, 4096 for Large's 2432), TMA on sm_90 16-bit only."""
+    def switches(config):
+        return tuple(t for t in config.split() if re.fullmatch(r"(BLOCK_D|TWO|HAS_Y2|NORM|NORM_Q|NORM_K|USE_TMA)=\w+", t))
+
+    forms = {}
+    for kernel, arch, dtype, config in planned:
+        if "FP8_OUT=True" not in config:
+            forms.setdefault((kernel, arch, dtype), set()).add(switches(config))
+    blocks = ("BLOCK_D=2048", "BLOCK_D=4096")
+    for arch in ("sm_80", "sm_90"):
+        for dtype in ("bf16", "fp32"):
+            assert forms["ln_modulate", arch, dtype] == {(b, f"TWO={t}") for b in blocks for t in (False, True)}
+            assert forms["gated_residual_ln_modulate", arch, dtype] == {
+                (b, f"HAS_Y2={y2}", f"NORM={norm}") for b in blocks for y2, norm in ((False, False), (False, True), (True, True))
+            }
+            assert forms["split_qkv_rmsnorm", arch, dtype] == {("NORM_K=False", "NORM_Q=False"), ("NORM_K=True", "NORM_Q=True")}
+            tma = arch == "sm_90" and dtype == "bf16"
+            assert forms["joint_attention", arch, dtype] == {("USE_TMA=False",)} | ({("USE_TMA=True",)} if tma else set())
