@@ -60,8 +60,9 @@ MODULES: dict[str, list[str]] = {
                                        "tests/test_kernels_report.py"],
     "fastsd35/kernels/joint_attention.py": ["tests/test_kernels_attention.py", "tests/test_kernels_degenerate.py",
                                             "tests/test_kernels_report.py"],
-    "fastsd35/kernels/reference.py": ["tests/test_kernels_adaln.py", "tests/test_kernels_rmsnorm_qk.py",
-                                      "tests/test_kernels_attention.py", "tests/test_model.py"],
+    "fastsd35/kernels/reference.py": ["tests/test_kernels_degenerate.py", "tests/test_kernels_adaln.py",
+                                      "tests/test_kernels_rmsnorm_qk.py", "tests/test_kernels_attention.py",
+                                      "tests/test_model.py"],
 }
 
 _BINOP_SWAPS = {ast.Add: "-", ast.Sub: "+", ast.Mult: "/", ast.Div: "*", ast.FloorDiv: "/", ast.Pow: "*",
