@@ -277,8 +277,10 @@ def run_contender(case: Case, contender: Contender, inputs, *, device, quick=Fal
                 result.extra["stages_ms"] = {k: 1e3 * statistics.median(t[k] for t in timed) for k in timed[0]}
     except Skip as e:
         result.skipped = str(e)
-    except (Mismatch, Failed) as e:
+    except Mismatch as e:  # its outputs: the message says which check
         result.error = str(e)
+    except Failed as e:  # its run: a worker raised or died
+        result.error = f"stopped while running: {e}"
     except torch.cuda.OutOfMemoryError:
         result.skipped = "out of GPU memory"
     finally:
@@ -480,7 +482,7 @@ def bench_command(args) -> int:
     failed = [f"{c['part']}/{c['id']} {r['contender']}: {r['error']}" for c in record["cases"] for r in c["results"]
               if "error" in r]  # fmt: skip
     for line in failed:
-        print(f"fastsd35: benchmark output check failed: {line}", file=sys.stderr)
+        print(f"fastsd35: benchmark failed: {line}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -183,8 +183,15 @@ def test_a_contender_that_disagrees_is_an_error_and_the_command_fails(tmp_path, 
     def build(value, inputs):
         yield bc.Prepared(lambda: torch.full((4,), value))
 
+    @contextlib.contextmanager
+    def dies(inputs):
+        def call():
+            raise bc.Failed("rank 1 stopped (killed by signal 9) without a report")
+
+        yield bc.Prepared(call)
+
     contenders = [bc.Contender("torch", partial(build, 1.0), baseline=True), bc.Contender("fast", partial(build, 2.0)),
-                  bc.Contender("nan", partial(build, float("nan")))]  # fmt: skip
+                  bc.Contender("nan", partial(build, float("nan"))), bc.Contender("dead", dies)]  # fmt: skip
     case = bc.Case("kernels", "op", "large", dict(B=1), contenders, contextlib.nullcontext, bytes=16)
     env = fb.Environment(torch.device("cpu"), "Test CPU (1 thread)", "torch")
     results, check = fb.Results(env), fb.OutputCheck()
@@ -195,15 +202,17 @@ def test_a_contender_that_disagrees_is_an_error_and_the_command_fails(tmp_path, 
     assert records["fast"] == {"contender": "fast", "baseline": False,
                                "error": "fast disagrees with torch: output 0 relative error 1 > 0.001"}  # fmt: skip
     assert records["nan"]["error"] == "nan: output 0 has 4 non-finite values of 4"
+    assert records["dead"]["error"] == "stopped while running: rank 1 stopped (killed by signal 9) without a report"
     assert "FAILED: fast disagrees with torch" in fb.format_table(results.record())
 
     monkeypatch.setattr(fb, "run_suite", lambda **kw: (results.record(), tmp_path / "x.json"))
     assert cli.main(["bench", "--only", "kernels"]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err == ["fastsd35: benchmark output check failed: kernels/large-op fast: fast disagrees with torch: output 0 "
-                   "relative error 1 > 0.001",
-                   "fastsd35: benchmark output check failed: kernels/large-op nan: nan: output 0 has 4 non-finite "
-                   "values of 4"]  # fmt: skip
+    assert err == ["fastsd35: benchmark failed: kernels/large-op fast: fast disagrees with torch: output 0 relative "
+                   "error 1 > 0.001",
+                   "fastsd35: benchmark failed: kernels/large-op nan: nan: output 0 has 4 non-finite values of 4",
+                   "fastsd35: benchmark failed: kernels/large-op dead: stopped while running: rank 1 stopped (killed "
+                   "by signal 9) without a report"]  # fmt: skip
 
 
 # -- the CPU suite ------------------------------------------------------------------------------------------------

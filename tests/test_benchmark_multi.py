@@ -159,7 +159,7 @@ def test_a_failing_worker_is_the_contenders_error(warm):
     start = time.monotonic()
     result = fb.run_contender(case, failing, None, device="cpu", quick=True)
     assert time.monotonic() - start < BOUND_S
-    assert result.error == "rank 1: RuntimeError: planted failure on rank 1", result
+    assert result.error == "stopped while running: rank 1: RuntimeError: planted failure on rank 1", result
     assert result.median_s is None and no_children()
 
 
