@@ -1,15 +1,19 @@
+import re
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', open("fastsd35/version.py", encoding="utf-8").read())[1]
 
 setup(
     name="fastsd35",
-    version="0.1.0",
+    version=VERSION,
     description="Fast, faithful Stable Diffusion 3 / 3.5 inference on Triton kernels and CUDA graphs",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["fastsd35", "fastsd35.*"]),
     # the trained tiny family (`--preset tiny`): safetensors weights and tokenizer files, ~4 MB
-    package_data={"fastsd35": ["tiny_model/*.safetensors", "tiny_model/*/*"]},
+    package_data={"fastsd35": ["tiny/trained/*.safetensors", "tiny/trained/*/*"]},
     # Lower bounds only: GPU users bring their own torch/triton builds.
     install_requires=[
         "torch>=2.4",
@@ -24,7 +28,7 @@ setup(
         "pillow>=10.0",
         "tqdm>=4.66",
     ],
-    entry_points={"console_scripts": ["fastsd35=fastsd35.cli:main"]},
+    entry_points={"console_scripts": ["fastsd35=fastsd35.app.cli:main"]},
     extras_require={
         "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "diffusers>=0.31", "peft>=0.13"],
         "dev": ["pytest-cov>=5.0"],  # tools/mutation.py

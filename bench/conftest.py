@@ -1,4 +1,4 @@
-"""pytest-benchmark front end of `fastsd35.benchmark`: `python -m pytest bench` (how things are timed: the docstring of
+"""pytest-benchmark front end of `fastsd35.benchmarks.suite`: `python -m pytest bench` (how things are timed: the docstring of
 fastsd35/benchmark.py; what is measured: fastsd35/benchmark_cases.py).
 
 Each test is one contender on one case, and pytest-benchmark groups a case's contenders together. The timing loop is
@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastsd35 import benchmark as fb
-from fastsd35.benchmark_cases import MODELS, build_cases
+from fastsd35.benchmarks import suite as fb
+from fastsd35.benchmarks.cases import MODELS, build_cases
 
 RECORD = pytest.StashKey[dict]()
 WRITTEN = pytest.StashKey[Path]()
@@ -93,7 +93,7 @@ def open_case():
 
 
 def pedantic(benchmark) -> fb.Timer:
-    """fastsd35.benchmark's timer interface on pytest-benchmark: its pedantic loop, its samples."""
+    """fastsd35.benchmarks.suite's timer interface on pytest-benchmark: its pedantic loop, its samples."""
 
     def timer(fn, *, rounds, warmup_rounds, iterations):
         benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup_rounds, iterations=iterations)

@@ -50,7 +50,7 @@ skip() { SKIPPED+=("$1: $2"); echo "== skipped $1: $2"; }
 INFO="$("$PY" - 2>/dev/null <<'EOF'
 import contextlib, importlib.util, io
 import torch
-from fastsd35 import cli
+from fastsd35.app import cli
 
 def kernels_help():
     text = io.StringIO()
@@ -66,7 +66,7 @@ found = [importlib.util.find_spec(m) is not None for m in ("pytest", "pytest_ben
 found += [bool(help_text), "--dtype" in help_text]
 print(" ".join("yes" if f else "no" for f in found))
 if torch.cuda.is_available():
-    from fastsd35.benchmark import detect_environment
+    from fastsd35.benchmarks.suite import detect_environment
     env = detect_environment("cuda")
     major, minor = torch.cuda.get_device_capability()
     print(f"cuda sm_{major}{minor} {env.slug} {env.name}")

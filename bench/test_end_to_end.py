@@ -4,7 +4,7 @@ transformer, VAE and text encoders, the transformer eager and replayed from CUDA
 
 import pytest
 
-from fastsd35.benchmark import synchronized_timer
+from fastsd35.benchmarks.suite import synchronized_timer
 
 PART = "e2e"
 pytestmark = pytest.mark.benchmark(timer=synchronized_timer)

@@ -5,7 +5,7 @@ Triton contenders are skipped: Triton's interpreter is not timed."""
 
 import pytest
 
-from fastsd35.benchmark import synchronized_timer
+from fastsd35.benchmarks.suite import synchronized_timer
 
 PART = "kernels"
 pytestmark = pytest.mark.benchmark(timer=synchronized_timer)

@@ -5,7 +5,7 @@ CPU: depth-3 stand-ins at latent 32x32, MMDiTX against diffusers."""
 
 import pytest
 
-from fastsd35.benchmark import synchronized_timer
+from fastsd35.benchmarks.suite import synchronized_timer
 
 PART = "transformer"
 pytestmark = pytest.mark.benchmark(timer=synchronized_timer)

@@ -3,21 +3,25 @@
     from fastsd35 import Pipeline
     pipe = Pipeline.from_pretrained("models/", preset="large_turbo")
     images = pipe("a red cube on a table", seed=23)
+
+The package is layered, lowest first, and a layer imports only those below it (tests/test_layers.py checks it):
+errors, files and version; kernels (the ops); models (the networks); weights (files to tensors); tiny (the tiny
+family); pipeline (presets, sampling, graphs, `Pipeline`); beside it the benchmarks and the diffusers adapter; app
+(jobs, outputs, the CLI, torchrun, the server).
 """
 
 from .errors import CheckpointError, FastSD35Error
-from .model import CONFIGS, FastMMDiTX, MMDiTX, MMDiTXConfig
-from .presets import PRESETS, Preset
-
-__version__ = "0.1.0"
+from .models.mmditx import CONFIGS, FastMMDiTX, MMDiTX, MMDiTXConfig
+from .pipeline.presets import PRESETS, Preset
+from .version import __version__
 
 # Names whose modules import transformers: loaded on first use, so `import fastsd35` (and the CLI's argument
 # checks) stay fast.
 _LAZY = {
-    "Pipeline": "runner",
-    "load_transformer": "checkpoints",
-    "load_vae": "vae",
-    "load_text_encoders": "conditioning",
+    "Pipeline": "pipeline.runner",
+    "load_transformer": "weights.checkpoints",
+    "load_vae": "weights.vae",
+    "load_text_encoders": "weights.text_encoders",
 }
 
 
@@ -30,6 +34,6 @@ def __getattr__(name):
 
 
 __all__ = [
-    "CONFIGS", "CheckpointError", "FastMMDiTX", "FastSD35Error", "MMDiTX", "MMDiTXConfig", "PRESETS", "Pipeline",
+    "__version__", "CONFIGS", "CheckpointError", "FastMMDiTX", "FastSD35Error", "MMDiTX", "MMDiTXConfig", "PRESETS", "Pipeline",
     "Preset", "load_text_encoders", "load_transformer", "load_vae",
 ]  # fmt: skip

@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fastsd35.model import MMDiTXConfig  # noqa: E402
+from fastsd35.models.mmditx import MMDiTXConfig# noqa: E402
 
 # Tiny transformers that follow the released rule hidden = 64 * depth, heads = depth.
 TINY_CONFIGS = {

@@ -15,7 +15,7 @@ import torch
 from fastsd35 import kernels
 from fastsd35.kernels import report
 from fastsd35.kernels.launch import capture_launches
-from fastsd35.model import CONFIGS, FastMMDiTX
+from fastsd35.models.mmditx import CONFIGS, FastMMDiTX
 
 ARCH = 90  # divisibility of integers and pointers does not depend on the architecture
 

@@ -17,10 +17,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastsd35 import benchmark as fb
-from fastsd35 import benchmark_cases as bc
-from fastsd35 import cli, kernels
-from fastsd35.model import MMDiTX, MMDiTXConfig
+from fastsd35.benchmarks import suite as fb
+from fastsd35.benchmarks import cases as bc
+from fastsd35.app import cli
+from fastsd35 import kernels
+from fastsd35.models.mmditx import MMDiTX, MMDiTXConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = MMDiTXConfig(depth=2, context_dim=8, adm_in_channels=4, pos_embed_max_size=8, qk_norm="rms",
@@ -89,7 +90,7 @@ def test_kernel_work_at_sd35_large_shapes():
 
 def test_e2e_context_length_is_the_counted_one():
     """The end-to-end FLOPs count 77 + 77 context tokens: what the (tiny) tokenizers give the benchmark prompt."""
-    from fastsd35.conditioning import tiny_text_encoders
+    from fastsd35.tiny.family import tiny_text_encoders
 
     context, _ = tiny_text_encoders(0).encode([bc.PROMPT])
     assert context.shape[1] == 154 == bc.CONTEXT_LENGTHS[0]
@@ -153,7 +154,7 @@ def test_kernel_inputs_rotate_through_four_l2s_on_cuda():
 
 def test_step_contenders_get_the_same_sigma_and_timestep():
     """fastsd35's passes take the sigma, diffusers the timestep the pass derives from it: 0.75 and 750, finite."""
-    from fastsd35.sampling import model_timestep
+    from fastsd35.pipeline.sampling import model_timestep
 
     geo = bc.geometry("large", "cpu")
     with bc._step_inputs(geo, 2, 7) as inp:

@@ -1,4 +1,4 @@
-"""`fastsd35 bench --only multigpu` (fastsd35.benchmark_multi): skipped below 2 GPUs without starting anything, and
+"""`fastsd35 bench --only multigpu` (fastsd35.benchmarks.multi_gpu): skipped below 2 GPUs without starting anything, and
 its real machinery (worker pools over torch.distributed) run on the CPU with gloo, 2 processes standing in for GPUs
 on the tiny preset: the same images at 1 and 2 workers, CFG-parallel bit for bit the split passes, and a worker that
 fails or dies gives the contender an error within a bounded time, with no process left behind.
@@ -21,10 +21,10 @@ from functools import partial
 import pytest
 import torch
 
-from fastsd35 import benchmark as fb
-from fastsd35 import benchmark_cases as bc
-from fastsd35 import benchmark_multi as bm
-from fastsd35 import cli
+from fastsd35.benchmarks import suite as fb
+from fastsd35.benchmarks import cases as bc
+from fastsd35.benchmarks import multi_gpu as bm
+from fastsd35.app import cli
 
 ENV = fb.Environment(torch.device("cpu"), "Test CPU (1 thread)", "torch")
 BOUND_S = 30  # a failing pool must be gone well within this (its gloo timeout is 60 s)

@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastsd35.checkpoints import diffusers_weight_headers, load_transformer, safetensors_header, transformer_config
+from fastsd35.weights.checkpoints import diffusers_weight_headers, load_transformer, safetensors_header, transformer_config
 from fastsd35.errors import CheckpointError
-from fastsd35.model import MMDiTX
-from fastsd35.tiny import TINY_MMDITX_CONFIG
+from fastsd35.models.mmditx import MMDiTX
+from fastsd35.tiny.family import TINY_MMDITX_CONFIG
 
 
 def file_with_header_low_byte(path, low: int):
@@ -153,7 +153,7 @@ def test_a_fifo_or_folder_as_checkpoint_does_not_hang(tmp_path):
 
 
 def test_a_file_changed_after_its_header_was_read_is_a_checkpoint_error(tmp_path):
-    from fastsd35.checkpoints import TensorSource
+    from fastsd35.weights.checkpoints import TensorSource
 
     path = tmp_path / "m.safetensors"
     save_file({"w": torch.ones(4, 4)}, str(path))
@@ -179,7 +179,7 @@ def test_dtype_sizes_are_the_libraries():
     torch's element sizes) for every dtype both know."""
     from safetensors import torch as st
 
-    from fastsd35.checkpoints import SAFETENSORS_DTYPES
+    from fastsd35.weights.checkpoints import SAFETENSORS_DTYPES
 
     theirs = {name: dtype.itemsize for name, dtype in st._TYPES.items()}
     assert {n: SAFETENSORS_DTYPES[n] for n in theirs} == theirs

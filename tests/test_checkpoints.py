@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from test_model import inputs, make_diffusers, make_model
 
 from fastsd35 import CheckpointError
-from fastsd35.checkpoints import load_transformer, safetensors_header
+from fastsd35.weights.checkpoints import load_transformer, safetensors_header
 
 PREFIX = "model.diffusion_model."
 
@@ -166,7 +166,7 @@ def test_diffusers_folder_with_keys_of_another_model_is_refused(tmp_path):
 
 def test_a_closed_source_reopens_its_files(tmp_path):
     """TensorSource.close() releases the files it had open; reading again afterwards opens them anew."""
-    from fastsd35.checkpoints import TensorSource
+    from fastsd35.weights.checkpoints import TensorSource
 
     path = tmp_path / "t.safetensors"
     save_file({"a": torch.arange(4.0)}, str(path))
@@ -184,8 +184,8 @@ def test_folder_that_is_not_diffusers(tmp_path):
 
 
 def test_find_model_files(tmp_path):
-    from fastsd35.checkpoints import find_model_files
-    from fastsd35.presets import get_preset
+    from fastsd35.weights.checkpoints import find_model_files
+    from fastsd35.pipeline.presets import get_preset
 
     large = get_preset("large")
     (tmp_path / "sd3.5_large.safetensors").write_bytes(b"")
@@ -231,7 +231,7 @@ def test_truncated_by_a_few_bytes_at_every_boundary(tmp_path):
 def test_diffusers_qkv_parts_are_stacked_q_k_v_whatever_the_key_order():
     """Each block's q, k and v (and the context stream's) go into qkv in that order by their role, not by the order
     the keys arrive in: a state dict listed backwards gives the same official tensors."""
-    from fastsd35.checkpoints import DiffusersTransformerSource
+    from fastsd35.weights.checkpoints import DiffusersTransformerSource
 
     model = make_model(TINY_CONFIGS["sd35_medium"])
     backwards = dict(reversed(list(make_diffusers(model).state_dict().items())))

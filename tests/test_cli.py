@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastsd35 import cli
-from fastsd35.outputs import METADATA_KEY, PARAMETERS_KEY
+from fastsd35.app import cli
+from fastsd35.app.outputs import METADATA_KEY, PARAMETERS_KEY
 
 FAST = ["--steps", "2", "--width", "64", "--height", "48"]
 
@@ -120,8 +120,8 @@ def test_truncated_checkpoint(tmp_path, capsys):
 def test_checkpoint_for_another_model(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from fastsd35.model import MMDiTX
-    from fastsd35.tiny import TINY_MMDITX_CONFIG
+    from fastsd35.models.mmditx import MMDiTX
+    from fastsd35.tiny.family import TINY_MMDITX_CONFIG
 
     sd = {"model.diffusion_model." + k: v.contiguous() for k, v in MMDiTX(TINY_MMDITX_CONFIG).state_dict().items()}
     save_file(sd, str(tmp_path / "sd3.5_large.safetensors"))
@@ -169,8 +169,8 @@ def test_preset_read_from_the_checkpoint_or_asked_for(tmp_path, capsys):
     fails(capsys, "no --preset given and", "--model", tmp_path / "none", "--prompt", "a", "--out", tmp_path / "o", out=tmp_path)
     from safetensors.torch import save_file
 
-    from fastsd35.model import MMDiTX
-    from fastsd35.tiny import TINY_MMDITX_CONFIG
+    from fastsd35.models.mmditx import MMDiTX
+    from fastsd35.tiny.family import TINY_MMDITX_CONFIG
 
     sd = {"model.diffusion_model." + k: v.contiguous() for k, v in MMDiTX(TINY_MMDITX_CONFIG).state_dict().items()}
     save_file(sd, str(tmp_path / "mine.safetensors"))
@@ -187,7 +187,7 @@ def test_prompt_problems(tmp_path, capsys):
 
 
 def test_missing_encoder_and_tokenizer_files(tmp_path, capsys):
-    from fastsd35.tiny import write_tiny_model
+    from fastsd35.tiny.family import write_tiny_model
 
     models = write_tiny_model(tmp_path / "models")
     (models / "clip_l.safetensors").unlink()
@@ -200,7 +200,7 @@ def test_missing_encoder_and_tokenizer_files(tmp_path, capsys):
 
 
 def test_tiny_from_official_files(tmp_path, capsys):
-    from fastsd35.tiny import write_tiny_model
+    from fastsd35.tiny.family import write_tiny_model
 
     models = write_tiny_model(tmp_path / "models")
     out = tmp_path / "out"
@@ -240,12 +240,12 @@ def test_from_png_without_metadata(tmp_path, capsys):
 
 
 def test_interrupt_leaves_no_partial_png(tmp_path, capsys, monkeypatch):
-    import fastsd35.runner
+    import fastsd35.pipeline.runner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fastsd35.runner, "sample", interrupted)
+    monkeypatch.setattr(fastsd35.pipeline.runner, "sample", interrupted)
     out = tmp_path / "out"
     assert run("--preset", "tiny_random", "--prompt", "a", "--out", out, *FAST) == 130
     assert "interrupted" in capsys.readouterr().err
@@ -283,7 +283,7 @@ def test_interrupt_inside_the_write_leaves_no_partial_file(tmp_path, capsys, mon
 
 @pytest.fixture
 def controlnet_files(tmp_path):
-    from fastsd35.tiny import write_tiny_controlnet
+    from fastsd35.tiny.family import write_tiny_controlnet
 
     photo = np.zeros((48, 64, 3), dtype=np.uint8)
     photo[10:38, 16:48] = (200, 40, 40)

@@ -9,17 +9,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import T5EncoderModel
 
-from fastsd35.conditioning import (
-    TextEncoders,
-    clip_config_from_shapes,
-    load_text_encoders,
-    t5_config,
-    t5_config_from_shapes,
-    tiny_text_encoders,
-)
+from fastsd35.models.text_encoders import TextEncoders, clip_config_from_shapes, t5_config, t5_config_from_shapes
+from fastsd35.weights.text_encoders import load_text_encoders
+from fastsd35.tiny.family import tiny_text_encoders
 from fastsd35.errors import CheckpointError, FastSD35Error
-from fastsd35.tiny import randomize_
-from fastsd35.tokenization import CLIP_REPO, T5_REPO, clip_chunk, prompt_words
+from fastsd35.tiny.family import randomize_
+from fastsd35.models.tokenization import CLIP_REPO, T5_REPO, clip_chunk, prompt_words
 
 PROMPTS = ["a photo of a cat wearing a red hat", "astronaut riding a horse on mars, oil painting"]
 NEGATIVES = ["", "blurry"]

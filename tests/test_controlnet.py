@@ -13,22 +13,14 @@ from safetensors.torch import save_file
 from test_model import make_diffusers, run_diffusers
 
 from fastsd35 import kernels
-from fastsd35.controlnet import (
-    SD35_LARGE_CONTROLNET,
-    ControlNet,
-    ControlNetConfig,
-    blur,
-    canny,
-    check_compatible,
-    control_latent,
-    control_pixels,
-    load_controlnet,
-    preprocess,
-)
+from fastsd35.models.controlnet import SD35_LARGE_CONTROLNET, ControlNet, ControlNetConfig, check_compatible
+from fastsd35.pipeline.control import blur, canny, control_latent, control_pixels, preprocess
+from fastsd35.weights.controlnet import load_controlnet
 from fastsd35.errors import CheckpointError, FastSD35Error
-from fastsd35.model import FastMMDiTX, MMDiTX, MMDiTXConfig
-from fastsd35.tiny import randomize_
-from fastsd35.vae import TINY_VAE_CONFIG, SDVAE, process_in
+from fastsd35.models.mmditx import FastMMDiTX, MMDiTX, MMDiTXConfig
+from fastsd35.tiny.family import randomize_
+from fastsd35.tiny.family import TINY_VAE_CONFIG
+from fastsd35.models.vae import SDVAE, process_in
 
 MAIN = MMDiTXConfig(depth=4, pos_embed_max_size=16, context_dim=48, adm_in_channels=40, qk_norm="rms")  # hidden 256
 CN_8B = ControlNetConfig(num_layers=2, hidden_size=256, pooled_dim=40)  # pooled input = the raw pooled text
@@ -296,7 +288,7 @@ def test_canny_finds_the_border_of_a_square():
 def test_canny_smoothing_is_a_gaussian_of_the_given_sigma():
     """The blur before the gradients: normalised and symmetric, reaching 3 sigma (rounded, at least one pixel) on
     each side, with variance sigma^2 (up to the truncation and the sampling of small sigmas)."""
-    from fastsd35.controlnet import _gaussian_kernel
+    from fastsd35.pipeline.control import _gaussian_kernel
 
     for sigma, radius in ((0.3, 1), (0.6, 2), (1.0, 3), (1.4, 4), (2.5, 8)):
         k = _gaussian_kernel(sigma).double()
@@ -479,7 +471,7 @@ def test_fewer_states_than_blocks_spread_as_the_reference(n):
 
 
 def test_released_controlnet_spreads_two_blocks_per_state():
-    from fastsd35.model import CONFIGS
+    from fastsd35.models.mmditx import CONFIGS
 
     large = CONFIGS["sd3.5_large"]
     assert SD35_LARGE_CONTROLNET.num_layers == 19 and large.depth == 38

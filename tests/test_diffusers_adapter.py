@@ -21,8 +21,8 @@ from test_model import inputs, make_diffusers, make_model, run_diffusers
 from test_runner import diffusers_pipeline
 
 from fastsd35.diffusers import FastSD3Transformer, accelerate, per_block_residuals
-from fastsd35.runner import Pipeline
-from fastsd35.tiny import randomize_
+from fastsd35.pipeline.runner import Pipeline
+from fastsd35.tiny.family import randomize_
 
 PIPE = dict(num_inference_steps=4, guidance_scale=4.5, height=32, width=32, max_sequence_length=77, output_type="np")
 

@@ -1,4 +1,4 @@
-"""torchrun data parallel and CFG-parallel (fastsd35.distributed) on the CPU with gloo: 2 ranks, forked from this
+"""torchrun data parallel and CFG-parallel (fastsd35.pipeline.distributed) on the CPU with gloo: 2 ranks, forked from this
 process with torchrun's environment (so the imports are not paid again), and once through torchrun itself.
 
 Every run is compared with a single-process run of the same command: the same file names and the same bytes."""
@@ -20,9 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fastsd35 import cli, distributed
+from fastsd35.app import cli
+from fastsd35.pipeline import distributed
 from fastsd35.errors import FastSD35Error
-from fastsd35.sampling import CFGDenoiser, SLGConfig
+from fastsd35.pipeline.sampling import CFGDenoiser, SLGConfig
 
 FAST = ["--preset", "tiny_random", "--steps", "2", "--width", "64", "--height", "48"]
 TIMEOUT_S = 60  # the gloo timeout of these jobs (loading on a busy 2-core machine can take a while)
@@ -199,7 +200,7 @@ def test_cfg_parallel_with_skip_layer_guidance_from_python(tmp_path):
     settings = dict(steps=3, width=64, height=48, slg=slg, seed=3, negative_prompt="blurry")
 
     def pair(rank):
-        from fastsd35.runner import Pipeline
+        from fastsd35.pipeline.runner import Pipeline
 
         ranks = distributed.init("cpu", cfg_parallel=True, timeout=TIMEOUT_S)
         pipe = Pipeline.from_preset("tiny_random", device=ranks.device)
@@ -220,7 +221,7 @@ def test_cfg_parallel_with_skip_layer_guidance_from_python(tmp_path):
     assert [r.code for r in ranks] == [0, 0], ranks
     # 2 images x 3 steps; SLG is active on steps 1 and 2 (start * steps < step < end * steps)
     assert ranks[0].out.split() == ["0", "6"] and ranks[1].out.split() == ["4", "10"]
-    from fastsd35.runner import Pipeline
+    from fastsd35.pipeline.runner import Pipeline
 
     pipe = Pipeline.from_preset("tiny_random", device="cpu")
     for j, prompt in enumerate(prompts):
@@ -305,7 +306,7 @@ def test_a_rank_failing_mid_run_ends_the_job_without_partial_files(tmp_path, how
     args += ["--cfg-parallel"] if mode == "cfg" else []
 
     def failing(rank):
-        from fastsd35.runner import TransformerPass
+        from fastsd35.pipeline.runner import TransformerPass
 
         calls, passes_per_unit = [0], 2  # 2 steps, one pass a step on each rank (batched in data parallel)
 

@@ -1,4 +1,4 @@
-"""FP8 checkpoint files (fastsd35.fp8_checkpoints) written here from tiny official-layout models: each format loads,
+"""FP8 checkpoint files (fastsd35.weights.fp8) written here from tiny official-layout models: each format loads,
 dequantized values equal the source within FP8 rounding, loading into FP8 never holds a full-precision copy, and every
 malformed file is a CheckpointError naming the file, the key and what was expected."""
 
@@ -11,10 +11,11 @@ from safetensors.torch import save_file
 from test_model import inputs, make_model
 from torch.profiler import ProfilerActivity, profile
 
-from fastsd35 import CheckpointError, cli
-from fastsd35 import quantization as Q
-from fastsd35.checkpoints import load_transformer
-from fastsd35.model import MMDiTXConfig
+from fastsd35 import CheckpointError
+from fastsd35.app import cli
+from fastsd35.models import fp8 as Q
+from fastsd35.weights.checkpoints import load_transformer
+from fastsd35.models.mmditx import MMDiTXConfig
 
 PREFIX = "model.diffusion_model."
 CONFIG = TINY_CONFIGS["sd35_medium"]  # qk-norm and MMDiT-X blocks: every kind of layer
@@ -153,8 +154,8 @@ def test_loading_into_fp8_never_holds_a_full_precision_copy(tmp_path):
 
 
 def test_t5_fp8_files(tmp_path):
-    from fastsd35.conditioning import load_text_encoders
-    from fastsd35.tiny import write_tiny_model
+    from fastsd35.weights.text_encoders import load_text_encoders
+    from fastsd35.tiny.family import write_tiny_model
 
     folder = write_tiny_model(tmp_path / "models")
     t5_path = folder / "t5xxl_fp16.safetensors"
@@ -174,9 +175,9 @@ def test_t5_fp8_files(tmp_path):
 
 
 def test_controlnet_in_fp8(tmp_path, model):
-    from fastsd35.controlnet import load_controlnet
-    from fastsd35.tiny import TINY_MMDITX_CONFIG, randomize_, write_tiny_controlnet
-    from fastsd35.model import MMDiTX
+    from fastsd35.weights.controlnet import load_controlnet
+    from fastsd35.tiny.family import TINY_MMDITX_CONFIG, randomize_, write_tiny_controlnet
+    from fastsd35.models.mmditx import MMDiTX
 
     transformer = randomize_(MMDiTX(TINY_MMDITX_CONFIG), 0).eval()
     path = write_tiny_controlnet(tmp_path / "cn.safetensors")

@@ -5,10 +5,10 @@ model in fp32; and CUDA-graph replay against eager at the real size (1024x1024, 
 import pytest
 import torch
 
-from fastsd35.benchmark_cases import random_weights_
-from fastsd35.graphs import CUDAGraphPasses
-from fastsd35.model import CONFIGS, FastMMDiTX, MMDiTX
-from fastsd35.runner import TransformerPass
+from fastsd35.benchmarks.cases import random_weights_
+from fastsd35.pipeline.graphs import CUDAGraphPasses
+from fastsd35.models.mmditx import CONFIGS, FastMMDiTX, MMDiTX
+from fastsd35.pipeline.runner import TransformerPass
 
 pytestmark = pytest.mark.gpu
 MODELS = ["sd3.5_large", "sd3.5_medium"]

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastsd35 import FastSD35Error, graphs, runner
-from fastsd35.graphs import CUDAGraphPasses, graph_key
-from fastsd35.runner import Pipeline, TransformerPass
-from fastsd35.tiny import TINY_MMDITX_CONFIG, tiny_components
+from fastsd35 import FastSD35Error
+from fastsd35.pipeline import graphs, runner
+from fastsd35.pipeline.graphs import CUDAGraphPasses, graph_key
+from fastsd35.pipeline.runner import Pipeline, TransformerPass
+from fastsd35.tiny.family import TINY_MMDITX_CONFIG, tiny_components
 
 
 class EagerCapturer:
@@ -274,8 +275,8 @@ def test_pipeline_with_graphs_gives_the_eager_images():
 @torch.inference_mode()
 def test_replay_with_controlnet_inputs_equals_eager(tmp_path):
     """The control latent and strength are graph inputs: new values replay correctly, no stale capture."""
-    from fastsd35.controlnet import load_controlnet
-    from fastsd35.tiny import write_tiny_controlnet
+    from fastsd35.weights.controlnet import load_controlnet
+    from fastsd35.tiny.family import write_tiny_controlnet
 
     controlnet = load_controlnet(write_tiny_controlnet(tmp_path / "cn.safetensors"), device="cuda", dtype=torch.bfloat16)
     transformer, _, _ = tiny_components(device="cuda", dtype=torch.bfloat16)
@@ -316,7 +317,7 @@ def test_graphs_and_eager_on_a_device_that_is_not_the_current_one():
 def test_static_copies_never_alias_the_callers_tensors():
     """A graph's input buffers are its own: the sampler reusing (or changing) its tensors after the capture must not
     change what a replay reads until refresh() copies the next call in."""
-    from fastsd35.graphs import refresh, static_copies
+    from fastsd35.pipeline.graphs import refresh, static_copies
 
     x, sigma = torch.zeros(2, 3), torch.ones(2)
     static = static_copies({"x": x, "sigma": sigma}, "cpu")
@@ -330,7 +331,7 @@ def test_static_copies_never_alias_the_callers_tensors():
 def test_out_of_memory_is_found_by_either_message_and_through_a_cyclic_chain(text):
     """Each of the two allocation-failure messages counts alone, also as the context of the error that reaches us;
     an exception chain that loops back on itself ends the search instead of hanging it."""
-    from fastsd35.graphs import is_out_of_memory
+    from fastsd35.pipeline.graphs import is_out_of_memory
 
     cause = RuntimeError(text)
     outer = RuntimeError("Capture must end on the same stream it began on")

@@ -1,4 +1,4 @@
-"""Hub names (fastsd35.hub): resolution against a Hugging Face cache laid out here (models--ORG--NAME/blobs, snapshots,
+"""Hub names (fastsd35.pipeline.hub): resolution against a Hugging Face cache laid out here (models--ORG--NAME/blobs, snapshots,
 refs), both layouts, revisions, the file selection, local-path precedence; every failure with huggingface_hub's own
 exception types raised where its network calls would be. No test makes a network request: HF_HUB_OFFLINE is set and
 the two calls that would reach the Hub (HfApi.model_info, snapshot_download) fail the test unless a test replaces them."""
@@ -15,10 +15,11 @@ from huggingface_hub.hf_api import ModelInfo
 from PIL import Image
 from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-from fastsd35 import cli, hub
-from fastsd35.checkpoints import find_model_files
+from fastsd35.app import cli
+from fastsd35.pipeline import hub
+from fastsd35.weights.checkpoints import find_model_files
 from fastsd35.errors import FastSD35Error
-from fastsd35.presets import PRESETS
+from fastsd35.pipeline.presets import PRESETS
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 FAST = ["--steps", "2", "--width", "64", "--height", "48"]
@@ -328,7 +329,7 @@ def test_cut_short_cached_file_is_never_loaded(monkeypatch, hf_cache):
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     """The tiny model's files as an official Hub repository lays them out (text encoders in text_encoders/)."""
-    from fastsd35.tiny import write_tiny_model
+    from fastsd35.tiny.family import write_tiny_model
 
     folder = write_tiny_model(tmp_path_factory.mktemp("tiny_random"))
     files = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
@@ -377,7 +378,7 @@ def test_cli_gated_repository_is_one_line(monkeypatch, tmp_path, capsys):
 
 
 def test_pipeline_from_pretrained_with_a_hub_name(hf_cache, tiny_files):
-    from fastsd35.runner import Pipeline
+    from fastsd35.pipeline.runner import Pipeline
 
     put_in_cache(hf_cache, "org/tiny-sd3", tiny_files)
     pipe = Pipeline.from_pretrained("org/tiny-sd3", device="cpu")  # the preset from the repository's checkpoint

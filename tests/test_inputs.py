@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from fastsd35 import cli, inputs
+from fastsd35.app import cli
+from fastsd35.pipeline import inputs
 from fastsd35.errors import FastSD35Error
-from fastsd35.outputs import METADATA_KEY
-from fastsd35.presets import get_preset
-from fastsd35.runner import Pipeline
+from fastsd35.app.outputs import METADATA_KEY
+from fastsd35.pipeline.presets import get_preset
+from fastsd35.pipeline.runner import Pipeline
 
 FAST = ["--steps", "2", "--width", "64", "--height", "48"]
 

@@ -1,5 +1,5 @@
 """FP8 out of the adaLN row kernels (kernels/fused_adaln_modulate.py, FP8_OUT) under Triton's interpreter: the FP8
-bytes and per-row scales are exactly fastsd35.quantization.quantize_rows of the output the same pass stores, the
+bytes and per-row scales are exactly fastsd35.models.fp8.quantize_rows of the output the same pass stores, the
 outputs are those of the plain kernels, and the FP8 FastMMDiTX feeds them to its FP8 GEMMs."""
 
 import copy
@@ -13,9 +13,9 @@ from kernel_tolerance import randn
 from test_kernels_adaln import modulation_views, rows
 from test_model import inputs, make_model
 
-from fastsd35 import quantization as Q
+from fastsd35.models import fp8 as Q
 from fastsd35.kernels import fused_adaln_modulate as kern
-from fastsd35.model import FastMMDiTX
+from fastsd35.models.mmditx import FastMMDiTX
 
 SHAPES = [(1, 1, 64), (2, 7, 72), (2, 3, 200), (1, 2, 1536)]
 DTYPES = [torch.float32, torch.float16]

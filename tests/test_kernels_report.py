@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastsd35 import cli
+from fastsd35.app import cli
 from fastsd35.kernels import checks, report
 
 ROOT = Path(__file__).resolve().parents[1]

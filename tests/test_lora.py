@@ -16,12 +16,12 @@ from test_cli import FAST, fails, run
 from test_model import inputs, make_diffusers, make_model
 from test_runner import SMALL, diffusers_pipeline, pixels
 
-import fastsd35.runner
-import fastsd35.sampling
+import fastsd35.pipeline.runner
+import fastsd35.pipeline.sampling
 from fastsd35 import FastSD35Error
-from fastsd35.lora import fuse_lora, lora_layers, parse_lora_arg
-from fastsd35.outputs import METADATA_KEY
-from fastsd35.runner import Pipeline
+from fastsd35.weights.lora import fuse_lora, lora_layers, parse_lora_arg
+from fastsd35.app.outputs import METADATA_KEY
+from fastsd35.pipeline.runner import Pipeline
 
 # diffusers module -> official weight (and which third of qkv): the diffusers names the test LoRAs touch
 DIFFUSERS_MODULES = [
@@ -151,8 +151,8 @@ def tiny():
 def test_pipeline_with_lora_equals_diffusers_fuse_lora(tiny, tmp_path, monkeypatch):
     """diffusers' load_lora_weights + fuse_lora (PEFT) on the same tiny pipeline is the independent reference; the
     kohya file holding the same update (q/k/v as one rank-3r qkv layer) gives the same weights."""
-    monkeypatch.setattr(fastsd35.sampling, "model_sigma", lambda sigma: sigma)  # diffusers' fp32 timesteps
-    monkeypatch.setattr(fastsd35.runner, "model_timestep", lambda sigma: sigma * 1000)
+    monkeypatch.setattr(fastsd35.pipeline.sampling, "model_sigma", lambda sigma: sigma)  # diffusers' fp32 timesteps
+    monkeypatch.setattr(fastsd35.pipeline.runner, "model_timestep", lambda sigma: sigma * 1000)
     reference = diffusers_pipeline(tiny)
     path = tmp_path / "style.safetensors"
     tensors = write_diffusers_lora(path, reference.transformer, rank=4)
@@ -161,7 +161,7 @@ def test_pipeline_with_lora_equals_diffusers_fuse_lora(tiny, tmp_path, monkeypat
     tiny.load_lora(path, scale=0.8)
     assert tiny.loras == [(str(path), 0.8)]
     ours = pixels(tiny.generate("a red cube", "blurry", seed=5, sampler="euler", cfg=4.5, **SMALL).images)
-    latents = fastsd35.sampling.initial_latent(torch.tensor(1.0), fastsd35.sampling.make_noise(5, 1, (16, 6, 8)))
+    latents = fastsd35.pipeline.sampling.initial_latent(torch.tensor(1.0), fastsd35.pipeline.sampling.make_noise(5, 1, (16, 6, 8)))
     with torch.no_grad():
         ref = reference("a red cube", negative_prompt="blurry", num_inference_steps=4, guidance_scale=4.5, height=48,
                         width=64, latents=latents, max_sequence_length=77, output_type="np").images
@@ -325,7 +325,7 @@ def test_loras_and_an_accelerated_diffusers_pipeline(tmp_path):
 
 @pytest.mark.parametrize("loras", ["style.safetensors", [{"file": 3, "scale": 1}], [{"file": "a", "scale": "1"}]])
 def test_malformed_lora_record(tmp_path, capsys, loras):
-    from fastsd35.outputs import png_bytes
+    from fastsd35.app.outputs import png_bytes
 
     png = tmp_path / "crafted.png"
     png.write_bytes(png_bytes(Image.new("RGB", (8, 8)), {"prompt": "x", "preset": "tiny_random", "steps": 2, "sampler": "euler",
@@ -337,7 +337,7 @@ def test_malformed_lora_record(tmp_path, capsys, loras):
 def test_fp8_gets_its_loras_before_quantizing(tmp_path):
     """With dtype="fp8" the LoRA is fused into the full-precision weights, then quantized: the FP8 weights are those
     of the fused model; and a LoRA cannot be fused into weights that are already FP8."""
-    from fastsd35.quantization import FP8Linear
+    from fastsd35.models.fp8 import FP8Linear
 
     plain = Pipeline.from_preset("tiny_random", device="cpu")
     path = tmp_path / "k.safetensors"
@@ -353,7 +353,7 @@ def test_fp8_gets_its_loras_before_quantizing(tmp_path):
     with pytest.raises(FastSD35Error, match="cannot be fused into FP8 weights"):
         fp8.load_lora(path)
     # the same from a model folder (the checkpoint loaders' path)
-    from fastsd35.tiny import write_tiny_model
+    from fastsd35.tiny.family import write_tiny_model
 
     loaded = Pipeline.from_pretrained(write_tiny_model(tmp_path / "model"), "tiny_random", device="cpu", dtype="fp8",
                                       loras=[(path, 1.0)])  # fmt: skip

@@ -1,13 +1,14 @@
-"""The GPU memory estimate (fastsd35.memory) for the released configs, the preflight's one-line verdicts on a device
+"""The GPU memory estimate (fastsd35.pipeline.memory) for the released configs, the preflight's one-line verdicts on a device
 that reports too little memory (through the device_memory seam), and `fastsd35 run --dry-run`."""
 
 import pytest
 import torch
 
-from fastsd35 import cli, memory
+from fastsd35.app import cli
+from fastsd35.pipeline import memory
 from fastsd35.errors import FastSD35Error
-from fastsd35.memory import Request, estimate, preflight
-from fastsd35.presets import PRESETS
+from fastsd35.pipeline.memory import Request, estimate, preflight
+from fastsd35.pipeline.presets import PRESETS
 
 CUDA = torch.device("cuda")
 
@@ -109,12 +110,12 @@ def test_dry_run_prints_and_writes_nothing(monkeypatch, gpu_with, large_folder, 
 
 
 def test_preflight_runs_before_anything_is_loaded_or_written(monkeypatch, gpu_with, large_folder, tmp_path, capsys):
-    import fastsd35.runner
+    import fastsd35.pipeline.runner
 
     def never(*args, **kwargs):
         raise AssertionError("loaded a model that does not fit")
 
-    monkeypatch.setattr(fastsd35.runner.Pipeline, "from_pretrained", never)
+    monkeypatch.setattr(fastsd35.pipeline.runner.Pipeline, "from_pretrained", never)
     monkeypatch.setattr(cli, "_device", lambda requested: CUDA)
     gpu_with(12)
     out = tmp_path / "out"
@@ -125,7 +126,7 @@ def test_preflight_runs_before_anything_is_loaded_or_written(monkeypatch, gpu_wi
 
 
 def test_pipeline_checks_the_weights_fit_before_loading(gpu_with, large_folder, monkeypatch):
-    from fastsd35.runner import Pipeline
+    from fastsd35.pipeline.runner import Pipeline
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA device passes the device check ...
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -10,8 +10,8 @@ from diffusers import SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
 from fastsd35 import CheckpointError, kernels
-from fastsd35.model import CONFIGS, FastMMDiTX, MMDiTX, MMDiTXConfig
-from fastsd35.tiny import randomize_
+from fastsd35.models.mmditx import CONFIGS, FastMMDiTX, MMDiTX, MMDiTXConfig
+from fastsd35.tiny.family import randomize_
 
 
 def make_model(config, seed=0, cls=MMDiTX):

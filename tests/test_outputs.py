@@ -8,9 +8,9 @@ import stat
 
 import pytest
 
-from fastsd35 import outputs
+from fastsd35.app import outputs
 from fastsd35.errors import FastSD35Error
-from fastsd35.outputs import check_output, image_name, png_size_bound, slug, write_png
+from fastsd35.app.outputs import check_output, image_name, png_size_bound, slug, write_png
 
 NAMES = ["tiny_random_a_23.png", "tiny_random_a_24.png"]
 
@@ -226,7 +226,7 @@ FAST = ["--preset", "tiny_random", "--prompt", "a", "--steps", "1", "--width", "
 
 @pytest.fixture
 def cli_run(monkeypatch, tmp_path, capsys):
-    from fastsd35 import cli
+    from fastsd35.app import cli
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -241,9 +241,9 @@ def cli_run(monkeypatch, tmp_path, capsys):
 
 
 def test_cli_checks_the_output_before_generating(tmp_path, cli_run, monkeypatch):
-    import fastsd35.runner
+    import fastsd35.pipeline.runner
 
-    monkeypatch.setattr(fastsd35.runner.Pipeline, "generate", lambda *a, **k: pytest.fail("generated"))
+    monkeypatch.setattr(fastsd35.pipeline.runner.Pipeline, "generate", lambda *a, **k: pytest.fail("generated"))
     (tmp_path / "out" / "tiny_random_a_23.png").mkdir(parents=True)
     status, err = cli_run("--out", tmp_path / "out", "--overwrite")
     assert status == 2 and err == [f"fastsd35: error: --overwrite cannot replace {tmp_path / 'out' / 'tiny_random_a_23.png'}: it is not a file"]
@@ -266,7 +266,7 @@ def test_cli_full_disk_is_one_line_and_leaves_nothing(tmp_path, cli_run, monkeyp
 
 def test_cli_interrupted_run_leaves_another_runs_folder(tmp_path, cli_run, monkeypatch):
     """Run A is interrupted while run B (simulated inside A's sampling) has made the folder and written an image."""
-    import fastsd35.runner
+    import fastsd35.pipeline.runner
 
     out = tmp_path / "out"
 
@@ -274,7 +274,7 @@ def test_cli_interrupted_run_leaves_another_runs_folder(tmp_path, cli_run, monke
         write_png(out, "other-run.png", b"B")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fastsd35.runner, "sample", interrupted)
+    monkeypatch.setattr(fastsd35.pipeline.runner, "sample", interrupted)
     status, err = cli_run("--out", out)
     assert status == 130 and err == ["fastsd35: interrupted"]
     assert leftovers(out) == ["other-run.png"]

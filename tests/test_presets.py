@@ -5,8 +5,8 @@ import math
 import pytest
 
 from fastsd35 import FastSD35Error
-from fastsd35.presets import PRESETS, get_preset
-from fastsd35.sampling import SLGConfig
+from fastsd35.pipeline.presets import PRESETS, get_preset
+from fastsd35.pipeline.sampling import SLGConfig
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""FP8 Linear layers and the FP8 transformer (fastsd35.quantization) on the CPU, where torch._scaled_mm with row-wise
+"""FP8 Linear layers and the FP8 transformer (fastsd35.models.fp8) on the CPU, where torch._scaled_mm with row-wise
 scales runs the real code path: exactness against fp32 from the same quantized operands, the quantization error against
 the fp32 model, dtype handling, the bf16-GEMM fallback."""
 
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from conftest import TINY_CONFIGS
 from test_model import inputs, make_model
 
-from fastsd35 import quantization as Q
-from fastsd35.model import MMDiTX
-from fastsd35.quantization import FP8Linear, quantize_, quantize_rows
+from fastsd35.models import fp8 as Q
+from fastsd35.models.mmditx import MMDiTX
+from fastsd35.models.fp8 import FP8Linear, quantize_, quantize_rows
 
 E4M3_REL = 2.0**-4  # e4m3 keeps 3 mantissa bits: round to nearest is within half of 2^-3 relative
 

@@ -14,13 +14,13 @@ from PIL import Image
 from test_model import make_diffusers as diffusers_transformer
 from test_vae import make_diffusers as diffusers_vae
 
-import fastsd35.runner
-import fastsd35.sampling
+import fastsd35.pipeline.runner
+import fastsd35.pipeline.sampling
 from fastsd35 import CheckpointError, FastSD35Error
-from fastsd35.runner import Pipeline
-from fastsd35.sampling import SLGConfig, initial_latent, make_noise
-from fastsd35.tiny import write_tiny_controlnet, write_tiny_model
-from fastsd35.vae import process_out, tensor_to_images
+from fastsd35.pipeline.runner import Pipeline
+from fastsd35.pipeline.sampling import SLGConfig, initial_latent, make_noise
+from fastsd35.tiny.family import write_tiny_controlnet, write_tiny_model
+from fastsd35.models.vae import process_out, tensor_to_images
 
 SMALL = dict(steps=4, width=64, height=48, progress=False)
 
@@ -69,8 +69,8 @@ def test_matches_diffusers_pipeline(tiny, monkeypatch):
     """Euler, cfg 4.5, T5 length 77 on both sides, the same initial latents. diffusers feeds the model fp32 sigmas
     and timesteps; with ours fed the same (instead of the reference's fp16-rounded ones) the images agree to one
     level in 255."""
-    monkeypatch.setattr(fastsd35.sampling, "model_sigma", lambda sigma: sigma)
-    monkeypatch.setattr(fastsd35.runner, "model_timestep", lambda sigma: sigma * 1000)
+    monkeypatch.setattr(fastsd35.pipeline.sampling, "model_sigma", lambda sigma: sigma)
+    monkeypatch.setattr(fastsd35.pipeline.runner, "model_timestep", lambda sigma: sigma * 1000)
     ours, ref = run_both(tiny, ["a red cube on a table", "two cats"], seed=11)
     assert ours.std() > 10  # a real image, not a flat one
     diff = np.abs(ours - ref)
@@ -129,8 +129,9 @@ def test_generation_reports_what_it_did(tiny):
 def test_a_vae_of_another_model_is_refused(tmp_path, tiny):
     """A 4-channel (SD1/SDXL-style) VAE beside a 16-channel transformer: one CheckpointError at load, in the
     constructor and through a model folder."""
-    from fastsd35.tiny import save_model_folder
-    from fastsd35.vae import TINY_VAE_CONFIG, SDVAE
+    from fastsd35.tiny.family import save_model_folder
+    from fastsd35.tiny.family import TINY_VAE_CONFIG
+    from fastsd35.models.vae import SDVAE
 
     vae4 = SDVAE(dataclasses.replace(TINY_VAE_CONFIG, latent_channels=4)).eval()
     message = "the VAE has 4 latent channels but the transformer takes 16: they come from different models"
@@ -227,7 +228,7 @@ def test_controlnet_pipeline(tmp_path, tiny):
 def test_controlnet_for_another_transformer_is_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from fastsd35.controlnet import ControlNet, ControlNetConfig
+    from fastsd35.models.controlnet import ControlNet, ControlNetConfig
 
     other = ControlNet(ControlNetConfig(num_layers=1, hidden_size=192, pooled_dim=64))
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "cn.safetensors"))
@@ -240,8 +241,8 @@ def test_an_unfit_controlnet_is_refused_before_the_vae_and_text_encoders_load(tm
     minutes to load, so the mismatch must not wait for it."""
     from safetensors.torch import save_file
 
-    from fastsd35 import tiny as tiny_module
-    from fastsd35.controlnet import ControlNet, ControlNetConfig
+    from fastsd35.tiny import family as tiny_module
+    from fastsd35.models.controlnet import ControlNet, ControlNetConfig
 
     other = ControlNet(ControlNetConfig(num_layers=1, hidden_size=192, pooled_dim=64))
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "cn.safetensors"))
@@ -249,8 +250,8 @@ def test_an_unfit_controlnet_is_refused_before_the_vae_and_text_encoders_load(tm
     def too_late(*args, **kwargs):
         raise AssertionError("loaded before the ControlNet was checked")
 
-    monkeypatch.setattr(fastsd35.runner, "load_vae", too_late)
-    monkeypatch.setattr(fastsd35.runner, "load_text_encoders", too_late)
+    monkeypatch.setattr(fastsd35.pipeline.runner, "load_vae", too_late)
+    monkeypatch.setattr(fastsd35.pipeline.runner, "load_text_encoders", too_late)
     with pytest.raises(CheckpointError, match=r"cn\.safetensors \(a 1-block ControlNet, hidden size 192\) does not fit"):
         Pipeline.from_pretrained(tiny_module.trained_model_dir(), "tiny", device="cpu", controlnet=tmp_path / "cn.safetensors")
 
@@ -268,9 +269,9 @@ def test_text_encoders_go_to_the_gpu_only_with_room_to_sample_beside_them(monkey
     gpu = torch.device("cuda:0")
     for free, where in ((need + 1, gpu), (need, torch.device("cpu"))):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free: (int(f), 80 << 30))
-        assert fastsd35.runner._text_encoder_device("auto", gpu, t5) == where
-    assert fastsd35.runner._text_encoder_device("cpu", gpu, t5) == torch.device("cpu")
-    assert fastsd35.runner._text_encoder_device("auto", torch.device("cpu"), t5) == torch.device("cpu")
+        assert fastsd35.pipeline.runner._text_encoder_device("auto", gpu, t5) == where
+    assert fastsd35.pipeline.runner._text_encoder_device("cpu", gpu, t5) == torch.device("cpu")
+    assert fastsd35.pipeline.runner._text_encoder_device("auto", torch.device("cpu"), t5) == torch.device("cpu")
 
 
 def test_text_encoders_leave_a_gpu_short_of_room_to_sample(monkeypatch):
@@ -299,7 +300,7 @@ def test_img2img_starts_from_the_seeded_noised_init_latent(tiny, monkeypatch):
     def run(image, denoise, seed=23):
         return pixels(tiny(["a house"], init_image=image, denoise=denoise, seed=seed, sampler="euler", **SMALL))
 
-    sigmas = fastsd35.sampling.img2img_sigmas(fastsd35.sampling.get_sigmas(tiny.preset.shift, 4), 0.5)
+    sigmas = fastsd35.pipeline.sampling.img2img_sigmas(fastsd35.pipeline.sampling.get_sigmas(tiny.preset.shift, 4), 0.5)
     latent = tiny.encode_image(init, 64, 48, 23)
     x0 = initial_latent(sigmas[0], make_noise(23, 1, (16, 6, 8)), latent)
     expected = pixels(tensor_to_images(tiny.vae.decode(process_out(x0.float()).to(tiny.vae.dtype))))  # x0 is fp16; the sampler's first update makes it fp32

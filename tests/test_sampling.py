@@ -7,17 +7,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from fastsd35.sampling import (
-    CFGDenoiser,
-    SLGConfig,
-    get_sigmas,
-    img2img_sigmas,
-    initial_latent,
-    make_noise,
-    model_sigma,
-    model_timestep,
-    sample,
-)
+from fastsd35.pipeline.sampling import CFGDenoiser, SLGConfig, get_sigmas, img2img_sigmas, initial_latent, make_noise, model_sigma, model_timestep, sample
 
 
 def test_schedule_values_from_spec():

@@ -47,7 +47,7 @@ def fsync(fd):  # a real SIGHUP, delivered while the PNG's bytes are being writt
     os.kill(os.getpid(), signal.SIGHUP)
     real(fd)
 os.fsync = fsync
-from fastsd35 import cli
+from fastsd35.app import cli
 sys.exit(cli.main(sys.argv[1:]))
 """
 

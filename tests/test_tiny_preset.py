@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastsd35 import cli, tiny
-from fastsd35.runner import Pipeline
-from fastsd35.tiny_scenes import SIZE, adherence
+from fastsd35.app import cli
+from fastsd35.tiny import family as tiny
+from fastsd35.pipeline.runner import Pipeline
+from fastsd35.tiny.scenes import SIZE, adherence
 
 # One caption per shape, every colour at least once as shape or background.
 CAPTIONS = [
@@ -131,7 +132,7 @@ def test_an_installation_without_the_model_files_says_so(tmp_path, monkeypatch, 
     from fastsd35.errors import FastSD35Error
 
     monkeypatch.setattr(tiny, "TRAINED_MODEL_DIR", tmp_path / "tiny_model")
-    with pytest.raises(FastSD35Error, match=r"the tiny model is missing from this installation .*tiny_model.*train_tiny"):
+    with pytest.raises(FastSD35Error, match=r"the tiny model is missing from this installation .*tiny_model.*tiny.train"):
         Pipeline.from_preset("tiny", device="cpu")
     assert cli.main(["run", "--preset", "tiny", "--prompt", "a", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fastsd35.tiny_scenes import COLORS, LAYOUTS, SHAPES, SIZE, Scene, adherence, all_scenes, captions, parse_caption
+from fastsd35.tiny.scenes import COLORS, LAYOUTS, SHAPES, SIZE, Scene, adherence, all_scenes, captions, parse_caption
 
 
 def test_dataset_is_fixed_and_complete():

@@ -4,10 +4,10 @@ reduced run writes a family that the real loaders read and the pipeline runs."""
 import pytest
 import torch
 
-from fastsd35 import tiny, train_tiny
-from fastsd35.model import MMDiTX
-from fastsd35.runner import Pipeline
-from fastsd35.tiny_scenes import SIZE
+from fastsd35.tiny import family as tiny, train as train_tiny
+from fastsd35.models.mmditx import MMDiTX
+from fastsd35.pipeline.runner import Pipeline
+from fastsd35.tiny.scenes import SIZE
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,7 @@ def test_colour_passing_init_is_a_block_mean_autoencoder():
     as +-1)."""
     from torch.nn import functional as F
 
-    from fastsd35.vae import SDVAE, process_in
+    from fastsd35.models.vae import SDVAE, process_in
 
     images, _ = train_tiny.scene_images()
     vae = train_tiny.colour_passing_init_(SDVAE(tiny.TRAINED_VAE_CONFIG).eval(), images[::40], seed=0)

@@ -9,19 +9,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from fastsd35 import CheckpointError
-from fastsd35.tiny import randomize_
-from fastsd35.vae import (
-    LATENT_SCALE,
-    LATENT_SHIFT,
-    TINY_VAE_CONFIG,
-    SDVAE,
-    VAEConfig,
-    image_to_tensor,
-    load_vae,
-    process_in,
-    process_out,
-    tensor_to_images,
-)
+from fastsd35.tiny.family import randomize_
+from fastsd35.models.vae import LATENT_SCALE, LATENT_SHIFT, SDVAE, VAEConfig, image_to_tensor, process_in, process_out, tensor_to_images
+from fastsd35.tiny.family import TINY_VAE_CONFIG
+from fastsd35.weights.vae import load_vae
 
 
 def make_vae(config=TINY_VAE_CONFIG, seed=0) -> SDVAE:

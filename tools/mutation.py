@@ -44,15 +44,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # core module -> the tests that guard it (run with -x, in this order: fastest and most specific first)
 MODULES: dict[str, list[str]] = {
-    "fastsd35/sampling.py": ["tests/test_sampling.py", "tests/test_runner.py"],
-    "fastsd35/runner.py": ["tests/test_runner.py", "tests/test_inputs.py", "tests/test_tiny_preset.py", "tests/test_cli.py",
+    "fastsd35/pipeline/sampling.py": ["tests/test_sampling.py", "tests/test_runner.py"],
+    "fastsd35/pipeline/runner.py": ["tests/test_runner.py", "tests/test_inputs.py", "tests/test_tiny_preset.py", "tests/test_cli.py",
                            "tests/test_fp8_checkpoints.py", "tests/test_lora.py"],
-    "fastsd35/outputs.py": ["tests/test_outputs.py", "tests/test_cli.py"],
-    "fastsd35/checkpoints.py": ["tests/test_checkpoints.py", "tests/test_checkpoint_headers.py", "tests/test_model.py",
+    "fastsd35/app/outputs.py": ["tests/test_outputs.py", "tests/test_cli.py"],
+    "fastsd35/weights/checkpoints.py": ["tests/test_checkpoints.py", "tests/test_checkpoint_headers.py", "tests/test_model.py",
                                 "tests/test_fp8_checkpoints.py"],
-    "fastsd35/model.py": ["tests/test_model.py", "tests/test_quantization.py"],
-    "fastsd35/controlnet.py": ["tests/test_controlnet.py"],
-    "fastsd35/graphs.py": ["tests/test_graphs.py"],
+    "fastsd35/models/mmditx.py": ["tests/test_model.py", "tests/test_quantization.py"],
+    "fastsd35/models/controlnet.py": ["tests/test_controlnet.py"],
+    "fastsd35/weights/controlnet.py": ["tests/test_controlnet.py"],
+    "fastsd35/pipeline/control.py": ["tests/test_controlnet.py"],
+    "fastsd35/pipeline/graphs.py": ["tests/test_graphs.py"],
     # the kernels' report cases (`@report_case`) run only in the compile report's child process: test_kernels_report
     "fastsd35/kernels/fused_adaln_modulate.py": ["tests/test_kernels_adaln.py", "tests/test_kernels_adaln_fp8.py",
                                                  "tests/test_kernels_degenerate.py", "tests/test_kernels_report.py"],

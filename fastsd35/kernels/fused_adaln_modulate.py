@@ -8,7 +8,7 @@ results stored in the input dtype.
 
 FP8 out (`FP8_OUT`, the `*_fp8` launchers): the modulated rows that feed FP8 GEMMs are also written as float8_e4m3fn
 with one fp32 scale per row, from the values as stored in the output dtype, in the same pass: exactly
-`fastsd35.quantization.quantize_rows` of the output (scale = absmax / 448, round to nearest even).
+`fastsd35.models.fp8.quantize_rows` of the output (scale = absmax / 448, round to nearest even).
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     return out
 
 
-# FP8 out: the same passes, also writing the rows that feed FP8 GEMMs quantized (fastsd35.quantization.quantize_rows).
+# FP8 out: the same passes, also writing the rows that feed FP8 GEMMs quantized (fastsd35.models.fp8.quantize_rows).
 
 
 def ln_modulate_fp8(x, shift, scale):

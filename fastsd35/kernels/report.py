@@ -171,7 +171,7 @@ def plan(archs: list[int], dtypes=None, quick: bool = False) -> list[_Job]:
             named = dict(zip(jit_fn.arg_names, launch.args))
             for arch in archs:
                 if launch.kwargs.get("FP8_OUT") and arch < FP8_MIN_ARCH:
-                    continue  # FP8 activations feed FP8 GEMMs, which only sm_89+ runs (fastsd35.quantization)
+                    continue  # FP8 activations feed FP8 GEMMs, which only sm_89+ runs (fastsd35.models.fp8)
                 configs = configs_for(launch.kernel, arch, {**named, **launch.kwargs}) if autotuned else [None]
                 for config in configs:
                     kwargs = {**launch.kwargs, **(config.all_kwargs() if config else {})}

@@ -1,0 +1,2 @@
+"""What `fastsd35 bench` and the pytest-benchmark suite (bench/) measure: the cases and contenders (cases), many GPUs
+(multi_gpu), and the timing, checking and reporting (suite)."""

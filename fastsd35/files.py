@@ -1,0 +1,45 @@
+"""User files: asking whether a path exists and opening it as a regular file, without ever blocking (a FIFO or a
+device) or raising on a path the file system cannot hold (a name longer than its limit)."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat
+
+from .errors import FastSD35Error
+
+
+def read_user_file(path, what: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Opened without blocking (a FIFO or device never hangs
+    the run) and checked to be a regular file before anything is read."""
+    data = io.BytesIO()
+    with open_regular(path, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise FastSD35Error(f"{what} {path} is {size} bytes; the limit is {limit}")
+        data.write(f.read(limit + 1))
+    if data.tell() > limit:  # grew while being read
+        raise FastSD35Error(f"{what} {path} is more than {limit} bytes")
+    return data.getvalue()
+
+
+def open_regular(path, what: str, error: type[FastSD35Error] = FastSD35Error):
+    """A binary file object for `path`, which must be a regular file (`error` otherwise, without blocking)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        reason = "not found" if e.errno == errno.ENOENT else e.strerror or str(e)
+        raise error(f"cannot read {what} {path}: {reason}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise error(f"cannot read {what} {path}: it is {kind}")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
