@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .weights.checkpoints import DiffusersTransformerSource
 from .errors import CheckpointError
 from .models.mmditx import FastMMDiTX, MMDiTXConfig
 from .models.strict import check_keys_and_shapes
+from .weights.checkpoints import DiffusersTransformerSource
 
 SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3ControlNetPipeline")
 SUPPORTED_PROCESSORS = ("JointAttnProcessor2_0",)  # diffusers' default SD3 processor, the math FastMMDiTX runs

@@ -8,16 +8,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fastsd35.models.mmditx import MMDiTXConfig# noqa: E402
+from fastsd35.models.mmditx import MMDiTXConfig  # noqa: E402
 
-# Tiny transformers that follow the released rule hidden = 64 * depth, heads = depth.
-TINY_CONFIGS = {
-    "sd3": MMDiTXConfig(depth=2, pos_embed_max_size=16, context_dim=48, adm_in_channels=40),
-    "sd35_large": MMDiTXConfig(depth=2, pos_embed_max_size=16, context_dim=48, adm_in_channels=40, qk_norm="rms"),
-    "sd35_medium": MMDiTXConfig(
-        depth=3, pos_embed_max_size=24, context_dim=48, adm_in_channels=40, qk_norm="rms", x_block_self_attn_layers=(0, 1)
-    ),
-}
+from helpers.models import TINY_CONFIGS  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

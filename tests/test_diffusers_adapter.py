@@ -8,21 +8,21 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIGS
-from diffusers import (
-    SD3ControlNetModel,
-    StableDiffusion3ControlNetPipeline,
-    StableDiffusion3Img2ImgPipeline,
-    StableDiffusion3Pipeline,
-)
-from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
-from test_model import inputs, make_diffusers, make_model, run_diffusers
-from test_runner import diffusers_pipeline
 
 from fastsd35.diffusers import FastSD3Transformer, accelerate, per_block_residuals
 from fastsd35.pipeline.runner import Pipeline
 from fastsd35.tiny.family import randomize_
+
+from helpers.diffusers_ref import require_diffusers
+from helpers.models import TINY_CONFIGS, inputs, make_diffusers, make_model, run_diffusers
+from helpers.pipelines import diffusers_pipeline
+
+
+@pytest.fixture(autouse=True)
+def diffusers():
+    """Every test here drives diffusers: without it they are collected and skipped, saying why."""
+    return require_diffusers()
 
 PIPE = dict(num_inference_steps=4, guidance_scale=4.5, height=32, width=32, max_sequence_length=77, output_type="np")
 
@@ -138,24 +138,24 @@ def test_txt2img_with_cfg_and_slg(tiny):
     assert np.abs(plain_slg - plain).max() > 0.05  # SLG changed the image
 
 
-def test_img2img(tiny):
+def test_img2img(tiny, diffusers):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    [(plain, fast)] = both(lambda: StableDiffusion3Img2ImgPipeline(**diffusers_pipeline(tiny).components),
+    [(plain, fast)] = both(lambda: diffusers.StableDiffusion3Img2ImgPipeline(**diffusers_pipeline(tiny).components),
                            dict(image=image, strength=0.6))
     assert_same_image(plain, fast)
 
 
-def test_controlnet(tiny):
+def test_controlnet(tiny, diffusers):
     cfg = tiny.transformer.config
 
     def make():
-        controlnet = SD3ControlNetModel(
+        controlnet = diffusers.SD3ControlNetModel(
             patch_size=2, in_channels=16, num_layers=1, attention_head_dim=64, num_attention_heads=cfg.num_heads,
             joint_attention_dim=None, caption_projection_dim=cfg.hidden_size, pooled_projection_dim=cfg.adm_in_channels,
             out_channels=16, pos_embed_max_size=None, pos_embed_type=None, use_pos_embed=False,
             force_zeros_for_pooled_projection=False,
         )  # fmt: skip
-        return StableDiffusion3ControlNetPipeline(**diffusers_pipeline(tiny).components,
+        return diffusers.StableDiffusion3ControlNetPipeline(**diffusers_pipeline(tiny).components,
                                                   controlnet=randomize_(controlnet, 3).eval())
 
     control = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
@@ -190,9 +190,9 @@ def test_not_an_sd3_pipeline_or_transformer(tiny):
         accelerate(pipe)
 
 
-def test_what_the_adapter_cannot_honour():
+def test_what_the_adapter_cannot_honour(diffusers):
     ref = make_diffusers(make_model(TINY_CONFIGS["sd3"]))
-    ref.transformer_blocks[1].attn.set_processor(AttnProcessor2_0())
+    ref.transformer_blocks[1].attn.set_processor(diffusers.models.attention_processor.AttnProcessor2_0())
     with pytest.raises(ValueError, match=r"transformer_blocks.1.attn.processor is a AttnProcessor2_0: .* only runs"):
         FastSD3Transformer.from_diffusers(ref)
     assert ref.transformer_blocks[0].attn.to_q.weight.numel() > 0  # refused before anything was moved
@@ -210,7 +210,7 @@ def test_what_the_adapter_cannot_honour():
     with pytest.raises(ValueError, match="graphs=True needs the transformer on CUDA; it is on cpu"):
         FastSD3Transformer(fast.model, fast.config, graphs=True)
     with pytest.raises(ValueError, match="attention processors cannot be set"):
-        fast.set_attn_processor(AttnProcessor2_0())
+        fast.set_attn_processor(diffusers.models.attention_processor.AttnProcessor2_0())
 
 
 @pytest.mark.gpu

@@ -4,7 +4,7 @@
     python tools/mutation.py --module sampling.py   # one module (a path under fastsd35/, or its file name)
     python tools/mutation.py --list                 # show the mutants without running anything
     python tools/mutation.py --sample 0             # every mutant (slow: minutes per module)
-    python tools/mutation.py --module sampling.py --tests tests/test_sampling.py   # only the module's own tests
+    python tools/mutation.py --module sampling.py --tests tests/pipeline/test_sampling.py   # only the module's own tests
 
 How it works. Each module's source is parsed with `ast` and every place a realistic single-point bug could go is
 listed: an arithmetic operator swapped (+ -, * /, // /, ** *), a comparison moved across its boundary (< <=, > >=,
@@ -44,27 +44,33 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # core module -> the tests that guard it (run with -x, in this order: fastest and most specific first)
 MODULES: dict[str, list[str]] = {
-    "fastsd35/pipeline/sampling.py": ["tests/test_sampling.py", "tests/test_runner.py"],
-    "fastsd35/pipeline/runner.py": ["tests/test_runner.py", "tests/test_inputs.py", "tests/test_tiny_preset.py", "tests/test_cli.py",
-                           "tests/test_fp8_checkpoints.py", "tests/test_lora.py"],
-    "fastsd35/app/outputs.py": ["tests/test_outputs.py", "tests/test_cli.py"],
-    "fastsd35/weights/checkpoints.py": ["tests/test_checkpoints.py", "tests/test_checkpoint_headers.py", "tests/test_model.py",
-                                "tests/test_fp8_checkpoints.py"],
-    "fastsd35/models/mmditx.py": ["tests/test_model.py", "tests/test_quantization.py"],
-    "fastsd35/models/controlnet.py": ["tests/test_controlnet.py"],
-    "fastsd35/weights/controlnet.py": ["tests/test_controlnet.py"],
-    "fastsd35/pipeline/control.py": ["tests/test_controlnet.py"],
-    "fastsd35/pipeline/graphs.py": ["tests/test_graphs.py"],
+    "fastsd35/pipeline/sampling.py": ["tests/pipeline/test_sampling.py", "tests/pipeline/test_runner.py"],
+    "fastsd35/pipeline/runner.py": ["tests/pipeline/test_runner.py", "tests/pipeline/test_inputs.py",
+                                    "tests/tiny/test_tiny_preset.py", "tests/app/test_cli.py",
+                                    "tests/weights/test_fp8_files.py", "tests/weights/test_lora.py"],
+    "fastsd35/pipeline/graphs.py": ["tests/pipeline/test_graphs.py"],
+    "fastsd35/pipeline/control.py": ["tests/models/test_controlnet.py"],
+    "fastsd35/app/jobs.py": ["tests/app/test_jobs.py", "tests/app/test_cli.py", "tests/pipeline/test_inputs.py",
+                             "tests/pipeline/test_hub.py", "tests/pipeline/test_memory.py", "tests/weights/test_lora.py",
+                             "tests/pipeline/test_distributed.py"],
+    "fastsd35/app/outputs.py": ["tests/app/test_outputs.py", "tests/app/test_cli.py"],
+    "fastsd35/weights/checkpoints.py": ["tests/weights/test_checkpoints.py", "tests/weights/test_checkpoint_headers.py",
+                                       "tests/models/test_mmditx.py", "tests/weights/test_fp8_files.py"],
+    "fastsd35/weights/controlnet.py": ["tests/models/test_controlnet.py"],
+    "fastsd35/models/mmditx.py": ["tests/models/test_mmditx.py", "tests/models/test_fp8_layers.py"],
+    "fastsd35/models/controlnet.py": ["tests/models/test_controlnet.py"],
     # the kernels' report cases (`@report_case`) run only in the compile report's child process: test_kernels_report
-    "fastsd35/kernels/fused_adaln_modulate.py": ["tests/test_kernels_adaln.py", "tests/test_kernels_adaln_fp8.py",
-                                                 "tests/test_kernels_degenerate.py", "tests/test_kernels_report.py"],
-    "fastsd35/kernels/rmsnorm_qk.py": ["tests/test_kernels_rmsnorm_qk.py", "tests/test_kernels_degenerate.py",
-                                       "tests/test_kernels_report.py"],
-    "fastsd35/kernels/joint_attention.py": ["tests/test_kernels_attention.py", "tests/test_kernels_degenerate.py",
-                                            "tests/test_kernels_report.py"],
-    "fastsd35/kernels/reference.py": ["tests/test_kernels_degenerate.py", "tests/test_kernels_adaln.py",
-                                      "tests/test_kernels_rmsnorm_qk.py", "tests/test_kernels_attention.py",
-                                      "tests/test_model.py"],
+    "fastsd35/kernels/fused_adaln_modulate.py": ["tests/kernels/test_kernels_adaln.py", "tests/kernels/test_kernels_adaln_fp8.py",
+                                                 "tests/kernels/test_kernels_degenerate.py",
+                                                 "tests/kernels/test_kernels_report.py"],
+    "fastsd35/kernels/rmsnorm_qk.py": ["tests/kernels/test_kernels_rmsnorm_qk.py", "tests/kernels/test_kernels_degenerate.py",
+                                       "tests/kernels/test_kernels_report.py"],
+    "fastsd35/kernels/joint_attention.py": ["tests/kernels/test_kernels_attention.py",
+                                            "tests/kernels/test_kernels_degenerate.py",
+                                            "tests/kernels/test_kernels_report.py"],
+    "fastsd35/kernels/reference.py": ["tests/kernels/test_kernels_degenerate.py", "tests/kernels/test_kernels_adaln.py",
+                                      "tests/kernels/test_kernels_rmsnorm_qk.py", "tests/kernels/test_kernels_attention.py",
+                                      "tests/models/test_mmditx.py"],
 }
 
 _BINOP_SWAPS = {ast.Add: "-", ast.Sub: "+", ast.Mult: "/", ast.Div: "*", ast.FloorDiv: "/", ast.Pow: "*",

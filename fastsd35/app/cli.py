@@ -9,43 +9,25 @@ and never with a file written or overwritten.
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import signal
 import sys
 import threading
 import time
-import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
-import torch
-from PIL import Image
-
-from .. import kernels
-from ..version import __version__
 from ..benchmarks import suite as benchmark
-from . import torchrun
-from ..pipeline import hub, memory
-from ..pipeline.distributed import launched
-from ..weights.checkpoints import find_model_files, transformer_config
-from ..kernels import report as kernel_report
 from ..errors import FastSD35Error
-from ..pipeline.inputs import DTYPES, MAX_IMAGE_FILE_BYTES, MAX_PROMPTS_FILE_BYTES, check_device, check_prompts, check_values, image_from_bytes
-from ..files import read_user_file
-from .records import check_record, check_same_file, sha256
-from .outputs import check_output, image_name, png_bytes, png_size_bound, read_record, write_png
-from ..models.mmditx import CONFIGS
+from ..kernels import report as kernel_report
 from ..models.controlnet import CONTROL_TYPES
-from ..pipeline.presets import PRESETS, Preset, Settings, get_preset
-from ..models.fp8 import is_quantized
-from ..pipeline.sampling import SAMPLERS, CFGDenoiser, SLGConfig
-from ..tiny.family import TINY_MMDITX_CONFIG, TRAINED_MMDITX_CONFIG
-
-PRESET_OF_VARIANT = {"sd3_medium": "sd3_medium", "sd3.5_medium": "medium"}  # sd3.5_large: large or large_turbo
-MAX_T5_TOKENS = 512
+from ..pipeline import memory
+from ..pipeline.distributed import launched
+from ..pipeline.inputs import DTYPES
+from ..pipeline.presets import PRESETS
+from ..pipeline.sampling import SAMPLERS
+from ..version import __version__
+from . import jobs, torchrun
+from .outputs import check_output, write_png
 
 
 class _Parser(argparse.ArgumentParser):
@@ -167,363 +149,32 @@ def signals_as_interrupts():
 # -- fastsd35 run -------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Job:
-    """A checked `fastsd35 run`: everything decided before any model is loaded."""
-
-    preset: Preset
-    model: Path
-    prompts: list[str]
-    negative_prompt: str
-    seed: int
-    batch_size: int
-    settings: Settings
-    init_image: Image.Image | None
-    init_image_path: Path | None
-    init_image_sha256: str | None
-    device: torch.device
-    dtype: torch.dtype | None
-    t5: bool
-    t5_tokens: int
-    control: Control | None
-    hub: hub.HubPlan | None = None  # a Hub name's files (downloaded by `load`)
-    memory: memory.Request | None = None  # what the GPU memory preflight checks (released models)
-    loras: tuple[tuple[Path, float], ...] = ()
-    cfg_parallel: bool = False  # cond and uncond as two passes (on two ranks under torchrun)
-
-
-@dataclass(frozen=True)
-class Control:
-    """A ControlNet run: the checkpoint and the control image, preprocessed when asked."""
-
-    controlnet: Path
-    control_type: str | None
-    image: Image.Image
-    image_path: Path
-    image_sha256: str
-    preprocess: str | None
-    options: dict
-    strength: float
-
-
 def run_command(args) -> int:
+    """`fastsd35 run`: the arguments become a job (fastsd35.app.jobs), the job's images become PNGs in --out."""
     if launched():  # one rank of a torchrun job
         return torchrun.run_command(args)
     started = time.perf_counter()
-    job = plan(args)
+    job = jobs.from_args(args)
     if args.dry_run:
-        return dry_run(job, args)
+        for line in jobs.describe(job):
+            print(line)
+        return 0
     if job.memory:
         memory.preflight(job.memory, job.device, tuple(DTYPES))
-    names = [image_name(job.preset.name, p, job.seed + i) for p in job.prompts for i in range(job.batch_size)]
-    check_output(args.out, names, args.overwrite, len(names) * png_size_bound(job.settings.width, job.settings.height))
-    pipe = load(job, args)
-    with warnings.catch_warnings():  # CLIP's truncation warnings come once, while generating
-        warnings.simplefilter("ignore")
-        pipe.text_encoders.tokenize(job.prompts + [job.negative_prompt])  # every prompt fits, before the first image
+    check_output(job.out, job.image_names(), job.overwrite, job.output_bytes())
+    pipe = jobs.load(job)
+    jobs.check_prompts_fit(job, pipe)
     timings, written = dict(pipe.timings), []
-    control = control_latent(pipe, job)
+    control = jobs.control_latent(job, pipe)
     for prompt in job.prompts:
-        gen = pipe.generate(prompt, **generate_kwargs(job, control))
+        gen = pipe.generate(prompt, **jobs.generate_kwargs(job, control))
         for stage, seconds in gen.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
-        for image, seed in zip(gen.images, gen.seeds):
-            data = png_bytes(image, record(job, prompt, seed, pipe))
-            written.append(write_png(args.out, image_name(job.preset.name, prompt, seed), data, args.overwrite))
+        for name, data in jobs.png_files(job, gen, pipe):
+            written.append(write_png(job.out, name, data, job.overwrite))
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
     print(f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.1f} s ({stages})")
     return 0
-
-
-def dry_run(job: Job, args) -> int:
-    """`fastsd35 run --dry-run`: what a run would read, do and write, with the memory estimate; nothing is written."""
-    print(f"preset: {job.preset.name}: {_describe(job.settings)}, batch {job.batch_size}")
-    if job.hub:
-        h = job.hub
-        print(f"model: {h.name} (commit {h.commit[:12]}, {h.layout} layout, listed from the {h.source})")
-        for f in h.files:
-            size = f"{f.size / 1e9:.2f} GB" if f.size is not None else "?"
-            print(f"  {f.path}  {size}  {'cached' if f.cached else 'to download'}")
-        print(f"  to download: {h.download_bytes / 1e9:.2f} GB into {h.snapshot}")
-    elif job.preset.built_in and args.model is None:
-        print(f"model: the built-in {job.preset.name} model (no files to find)")
-    else:
-        files = find_model_files(job.model, job.preset)
-        print(f"model: transformer {files.transformer}, VAE {files.vae}, text encoders from {files.text_encoders}")
-    if job.memory:
-        e = memory.estimate(job.memory)
-        where = f"{job.device}, not checked" if job.device.type != "cuda" else str(job.device)
-        print(f"memory ({where}): {e.describe()}")
-        if job.device.type == "cuda":
-            e = memory.preflight(job.memory, job.device, tuple(DTYPES))  # raises with what would fit
-            print(f"  fits: {memory.device_memory(job.device)[0] / 1e9:.1f} GB free; text encoders on "
-                  f"{'the GPU' if e.text_encoders_on_gpu else 'the CPU'}")
-    taken, names = set(), []
-    for prompt in job.prompts:
-        for i in range(job.batch_size):
-            stem, name, n = image_name(job.preset.name, prompt, job.seed + i)[:-4], None, 1
-            while name is None or (not args.overwrite and (name in taken or (args.out / name).exists())):
-                name, n = (f"{stem}.png" if n == 1 else f"{stem}-{n}.png"), n + 1
-            taken.add(name)
-            names.append(str(args.out / name))
-    print(f"outputs: {', '.join(names)}")
-    return 0
-
-
-def _describe(s: Settings) -> str:
-    slg = f"SLG {s.slg.scale} on layers {list(s.slg.layers)}" if s.slg else "no SLG"
-    return f"{s.steps} steps, cfg {s.cfg}, shift {s.shift}, {s.sampler}, {s.width}x{s.height}, {slg}"
-
-
-def control_latent(pipe, job: Job):
-    """One control latent for the whole run (None without a ControlNet)."""
-    if job.control is None:
-        return None
-    return pipe.encode_control(job.control.image, job.settings.width, job.settings.height, job.seed)
-
-
-def generate_kwargs(job: Job, control) -> dict:
-    """`Pipeline.generate`'s arguments for every prompt of the job."""
-    s = job.settings
-    return dict(
-        negative_prompt=job.negative_prompt, seed=job.seed, batch_size=job.batch_size, init_image=job.init_image,
-        denoise=s.denoise if job.init_image else None, steps=s.steps, cfg=s.cfg, shift=s.shift, sampler=s.sampler, width=s.width,
-        height=s.height, slg=s.slg or False, control_image=control,
-        control_strength=job.control.strength if job.control else 1.0,
-        denoiser_cls=partial(CFGDenoiser, split=True) if job.cfg_parallel else CFGDenoiser,
-    )
-
-
-def plan(args) -> Job:
-    """Check every argument and input file that can be checked without loading a model."""
-    if args.from_png:
-        _fill_from_record(args, read_record(args.from_png))
-    check_values({k: v for k, v in vars(args).items() if k != "prompt"}, label=lambda name: f"--{name.replace('_', '-')}")
-    model = Path(args.model or "models")
-    preset = get_preset(args.preset) if args.preset else _preset_from_checkpoint(model)
-    prompts = check_prompts(_prompts(args))
-    t5_tokens = 256 if args.t5_tokens is None else args.t5_tokens
-    if args.denoise is not None and args.init_image is None:
-        raise FastSD35Error("--denoise needs --init-image (it sets how much of the init image is repainted)")
-    device = _device(args.device)
-    if args.text_encoder_device != "auto":
-        check_device(args.text_encoder_device, "--text-encoder-device")
-    init_image, init_sha = _image(args.init_image, "init image", getattr(args, "init_image_sha256", None), "--init-image")
-    control = _control(args)
-    loras = tuple(_lora(text) for text in args.lora or ())
-    if control:
-        if not preset.built_in and preset.variant != "sd3.5_large":
-            raise FastSD35Error(f"the SD3.5 ControlNets are made for SD3.5 Large: use --preset large or large_turbo, not {preset.name}")
-        preset = preset.with_controlnet()
-    settings = preset.resolve(
-        steps=args.steps, cfg=args.cfg, shift=args.shift, sampler=args.sampler, width=args.width, height=args.height,
-        slg=args.slg, denoise=(0.8 if args.denoise is None else args.denoise) if init_image else 1.0,
-        max_pixels=_max_pixels(preset),
-    )
-    device, hub_name = _device(args.device), hub.parse_hub_name(args.model)
-    need = None
-    if preset.variant in memory.LABELS:
-        need = memory.Request(preset.variant, args.dtype or ("bf16" if device.type == "cuda" else "fp32"), settings.width,
-                              settings.height, args.batch_size, settings.cfg > 1 and not args.cfg_parallel,
-                              not args.no_t5, t5_tokens, args.text_encoder_device)  # fmt: skip
-    if args.cfg_parallel and settings.cfg <= 1:
-        raise FastSD35Error(f"--cfg-parallel splits the cond and uncond passes, but cfg {settings.cfg:g} <= 1 runs "
-                            f"the cond pass only: drop --cfg-parallel (or raise --cfg)")
-    return Job(
-        preset=preset, model=model, prompts=prompts, negative_prompt=args.negative_prompt or "",
-        seed=23 if args.seed is None else args.seed, batch_size=args.batch_size, settings=settings,
-        init_image=init_image, init_image_path=args.init_image, init_image_sha256=init_sha, device=device,
-        dtype=DTYPES[args.dtype] if args.dtype else None, t5=not args.no_t5, t5_tokens=t5_tokens, control=control,
-        hub=hub.plan(*hub_name, preset, t5=not args.no_t5, dtype=args.dtype) if hub_name else None, memory=need,
-        loras=loras,
-        cfg_parallel=bool(args.cfg_parallel),
-    )
-
-
-def _lora(text: str) -> tuple[Path, float]:
-    """A --lora FILE[:SCALE], with the file's keys checked (it is read whole only when the model is loaded)."""
-    from ..weights.lora import lora_layers, parse_lora_arg
-
-    path, scale = parse_lora_arg(text)
-    lora_layers(path)
-    return path, scale
-
-
-def _control(args) -> Control | None:
-    """The ControlNet inputs, checked and preprocessed before any model is loaded."""
-    cn_options = ("control_image", "control_preprocess", "control_strength", "control_type", "canny_low", "canny_high", "blur_radius")
-    if args.controlnet is None:
-        given = [f"--{name.replace('_', '-')}" for name in cn_options if getattr(args, name) is not None]
-        if given:
-            raise FastSD35Error(f"{', '.join(given)} need --controlnet")
-        return None
-    if not args.controlnet.exists():
-        raise FastSD35Error(f"{args.controlnet}: no such ControlNet file or folder")
-    if args.control_image is None:
-        raise FastSD35Error("--controlnet needs --control-image (edges, a blurred image or a depth map)")
-    image, sha = _image(args.control_image, "control image", getattr(args, "control_image_sha256", None), "--control-image")
-    strength = 1.0 if args.control_strength is None else args.control_strength
-    if not math.isfinite(strength):
-        raise FastSD35Error(f"--control-strength must be a finite number, got {strength}")
-    options = {"canny": {"low": args.canny_low, "high": args.canny_high}, "blur": {"radius": args.blur_radius}}
-    options = {k: v for k, v in options.get(args.control_preprocess, {}).items() if v is not None}
-    stray = [f"--{o}" for o, kind in (("canny-low", "canny"), ("canny-high", "canny"), ("blur-radius", "blur"))
-             if getattr(args, o.replace("-", "_")) is not None and args.control_preprocess != kind]
-    if stray:
-        raise FastSD35Error(f"{', '.join(stray)} only apply with the matching --control-preprocess")
-    if args.control_preprocess:
-        from ..pipeline.control import preprocess
-
-        image = preprocess(image, args.control_preprocess, **options)
-    return Control(args.controlnet, args.control_type, image, args.control_image, sha, args.control_preprocess, options, strength)
-
-
-def load(job: Job, args):
-    from ..pipeline.runner import Pipeline# the heavy imports wait until the arguments are known to be good
-
-    common = dict(dtype=job.dtype, device=job.device, t5=job.t5, t5_tokens=job.t5_tokens,
-                  graphs=False if args.no_graphs else None, controlnet=job.control and job.control.controlnet,
-                  control_type=job.control and job.control.control_type, loras=job.loras)  # fmt: skip
-    if job.preset.built_in and args.model is None:
-        return Pipeline.from_preset(job.preset.name, **common)
-    model = hub.download(job.hub) if job.hub else job.model
-    return Pipeline.from_pretrained(model, job.preset, text_encoder_device=args.text_encoder_device, **common)
-
-
-def record(job: Job, prompt: str, seed: int, pipe) -> dict:
-    """Every setting needed to reproduce one image (`fastsd35 run --from-png`)."""
-    s, slg, c = job.settings, job.settings.slg, job.control
-    control = None
-    if c:
-        control = {"controlnet": os.path.abspath(c.controlnet), "control_type": pipe.controlnet.control_name,
-                   "control_image": os.path.abspath(c.image_path), "control_image_sha256": c.image_sha256,
-                   "preprocess": c.preprocess, "options": c.options, "strength": c.strength}  # fmt: skip
-    return {
-        "fastsd35_version": __version__,
-        "preset": job.preset.name,
-        "model": f"{job.hub.repo}@{job.hub.commit}" if job.hub else  # a Hub name, pinned to the commit used
-        None if job.preset.built_in and job.model == Path("models") else _stored_path(job.model),
-        "prompt": prompt,
-        "negative_prompt": job.negative_prompt,
-        "seed": seed,
-        "steps": s.steps,
-        "cfg": s.cfg,
-        "shift": s.shift,
-        "sampler": s.sampler,
-        "width": s.width,
-        "height": s.height,
-        "slg": None if slg is None else {"scale": slg.scale, "start": slg.start, "end": slg.end, "layers": list(slg.layers), "cfg": slg.cfg},
-        "init_image": os.path.abspath(job.init_image_path) if job.init_image_path else None,
-        "init_image_sha256": job.init_image_sha256,
-        "denoise": s.denoise if job.init_image_path else None,
-        "dtype": "fp8" if is_quantized(pipe.transformer) else {v: k for k, v in DTYPES.items()}[pipe.transformer.dtype],
-        "t5_tokens": job.t5_tokens,
-        "no_t5": not job.t5,
-        "controlnet": control,
-        "loras": [{"file": _stored_path(file), "scale": scale} for file, scale in pipe.loras],
-        "backend": kernels.backend(pipe.device),
-        "cfg_parallel": job.cfg_parallel,
-    }
-
-
-def _stored_path(path) -> str:
-    """A path for a record: absolute when it names a file or folder here (so the record works from any folder),
-    else as given (a name resolved elsewhere)."""
-    return os.path.abspath(path) if os.path.exists(path) else str(path)
-
-
-def _fill_from_record(args, record: dict):
-    """Settings from a PNG's record (checked: records.check_record), for every option not given on the command line.
-    Files named by the record must still hold what they held (their SHA-256 is checked when they are read)."""
-    record = check_record(record, args.from_png)
-    args.prompt = args.prompt or [record["prompt"]]
-    fields = ("preset", "model", "negative_prompt", "seed", "steps", "cfg", "shift", "sampler", "width", "height",
-              "denoise", "dtype", "t5_tokens", "no_t5")  # fmt: skip
-    for name in fields:
-        if getattr(args, name, None) is None and record.get(name) is not None:
-            setattr(args, name, record[name])
-    if args.init_image is None and record.get("init_image"):
-        args.init_image = Path(record["init_image"])
-        args.init_image_sha256 = record.get("init_image_sha256")
-    if args.slg is None:
-        slg = record.get("slg")
-        args.slg = SLGConfig(**{**slg, "layers": tuple(slg["layers"])}) if slg else False
-    loras = record.get("loras")
-    if args.lora is None and loras:  # checked by records.check_record: a list of {file, scale}
-        args.lora = [f"{lora['file']}:{float(lora['scale'])!r}" for lora in loras]
-    if args.cfg_parallel is None:
-        args.cfg_parallel = record.get("cfg_parallel", False)
-    control = record.get("controlnet")
-    if control and args.controlnet is None:
-        args.controlnet, args.control_type = Path(control["controlnet"]), control.get("control_type")
-        if args.control_image is None:
-            args.control_image = Path(control["control_image"])
-            args.control_image_sha256 = control.get("control_image_sha256")
-        args.control_preprocess = args.control_preprocess or control.get("preprocess")
-        args.control_strength = control["strength"] if args.control_strength is None else args.control_strength
-        opts = control.get("options") or {}
-        args.canny_low, args.canny_high = opts.get("low", args.canny_low), opts.get("high", args.canny_high)
-        args.blur_radius = opts.get("radius", args.blur_radius)
-
-
-def _prompts(args) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        data = read_user_file(args.prompts_file, "prompts file", MAX_PROMPTS_FILE_BYTES)
-        try:
-            lines = data.decode("utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise FastSD35Error(f"cannot read prompts file {args.prompts_file}: {e}") from None
-        from_file = [line.strip() for line in lines if line.strip()]
-        if not from_file:
-            raise FastSD35Error(f"prompts file {args.prompts_file} has no prompts (blank lines are skipped)")
-        prompts += from_file
-    if not prompts:
-        raise FastSD35Error('nothing to generate: give --prompt "..." or --prompts-file FILE')
-    return prompts
-
-
-def _image(path: Path | None, what: str, expected_sha256: str | None, flag: str):
-    """The image at `path` (None: none) and the SHA-256 of its file, which must be `expected_sha256` when given."""
-    if path is None:
-        return None, None
-    data = read_user_file(path, what, MAX_IMAGE_FILE_BYTES)
-    check_same_file(data, expected_sha256, path, what, flag)
-    return image_from_bytes(data, path, what), sha256(data)
-
-
-def _device(requested: str | None) -> torch.device:
-    if requested is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return check_device(requested, "--device")
-
-
-def _max_pixels(preset: Preset) -> int:
-    built_in = {"tiny": TRAINED_MMDITX_CONFIG, "tiny_random": TINY_MMDITX_CONFIG}
-    config = built_in.get(preset.name) or CONFIGS[preset.variant]
-    return config.pos_embed_max_size * config.patch_size * 8
-
-
-def _preset_from_checkpoint(model: Path) -> Preset:
-    """The preset a checkpoint implies, read from its tensor shapes (never from its file name); for a Hub name, the
-    preset of a released repository or of the one official checkpoint the repository holds."""
-    if (name := hub.parse_hub_name(model)) is not None:
-        return hub.preset_of(*name)
-    if not model.exists():
-        raise FastSD35Error(f"no --preset given and {model} does not exist to read one from: pass --preset "
-                            f"({', '.join(PRESETS)}) and --model")
-    if model.is_dir() and not ((model / "transformer").is_dir() or (model / "model_index.json").is_file()):
-        names = {name for p in PRESETS.values() for name in p.checkpoints}
-        found = sorted(p.name for p in model.glob("*.safetensors") if p.name in names)
-        if len(found) != 1:
-            listed = f"found {', '.join(found)}" if found else "found no known checkpoint"
-            raise FastSD35Error(f"{model}: {listed}: pass --preset ({', '.join(PRESETS)})")
-        model = model / found[0]
-    variant = transformer_config(model).variant
-    if variant not in PRESET_OF_VARIANT:
-        users = [p.name for p in PRESETS.values() if p.variant == variant] or ["none"]
-        raise FastSD35Error(f"{model}: holds a {variant} transformer (presets: {', '.join(users)}): pass --preset")
-    return get_preset(PRESET_OF_VARIANT[variant])
 
 
 if __name__ == "__main__":

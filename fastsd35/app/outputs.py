@@ -16,8 +16,8 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from ..errors import FastSD35Error
-from ..pipeline.inputs import MAX_PNG_FILE_BYTES
 from ..files import read_user_file
+from ..pipeline.inputs import MAX_PNG_FILE_BYTES
 
 METADATA_KEY = "fastsd35"  # PNG text chunk holding the JSON record of every setting
 PARAMETERS_KEY = "parameters"  # A1111-style summary, read by common image viewers and UIs

@@ -525,11 +525,9 @@ def full_size_text_encoders(device, dtype, t5: bool = True):
 
 @contextmanager
 def _e2e_components(device: torch.device, dtype: torch.dtype, full: bool):
-    from ..tiny.family import tiny_text_encoders
-    from ..pipeline.runner import SAMPLING_HEADROOM_BYTES, TEXT_ENCODER_BYTES
-    from ..tiny.family import TINY_MMDITX_CONFIG
-    from ..tiny.family import TINY_VAE_CONFIG
     from ..models.vae import SDVAE, VAEConfig
+    from ..pipeline.runner import SAMPLING_HEADROOM_BYTES, TEXT_ENCODER_BYTES
+    from ..tiny.family import TINY_MMDITX_CONFIG, TINY_VAE_CONFIG, tiny_text_encoders
 
     if full:
         transformer = random_weights_(FastMMDiTX.empty(CONFIGS["sd3.5_large"], dtype=dtype, device=device))
@@ -593,20 +591,38 @@ def e2e_cases(device, dtype=None, full: bool | None = None) -> list[Case]:
     )]  # fmt: skip
 
 
+# Each part's cases: builder(device, models, dtype, full) -> list[Case]. The parts register themselves (`register`);
+# multi_gpu.py registers "multigpu" when fastsd35.benchmarks is imported (its __init__ imports every part).
+BUILDERS: dict[str, Callable[..., list[Case]]] = {}
+
+
+def register(part: str):
+    def add(builder):
+        if part not in PARTS:
+            raise ValueError(f"unknown benchmark part {part!r} (PARTS: {', '.join(PARTS)})")
+        BUILDERS[part] = builder
+        return builder
+
+    return add
+
+
+@register("kernels")
+def _kernel_part(device, models, dtype, full) -> list[Case]:
+    return [case for model in models for case in kernel_cases(geometry(model, device, dtype, full))]
+
+
+@register("transformer")
+def _transformer_part(device, models, dtype, full) -> list[Case]:
+    return [case for model in models for case in transformer_cases(geometry(model, device, dtype, full))]
+
+
+@register("e2e")
+def _e2e_part(device, models, dtype, full) -> list[Case]:
+    return e2e_cases(device, dtype, full)
+
+
 def build_cases(device, parts=PARTS, models=tuple(MODELS), dtype=None, full: bool | None = None) -> list[Case]:
     """Every case of the chosen parts, in run order. `models` picks the kernel and step shapes; end to end is always
     large_turbo (tiny on the CPU). `full`: the released sizes (default: on CUDA only)."""
     device = torch.device(device)
-    cases = []
-    for part in PARTS:
-        if part not in parts:
-            continue
-        if part in ("e2e", "multigpu"):
-            from .multi_gpu import multi_gpu_cases
-
-            cases += e2e_cases(device, dtype, full) if part == "e2e" else multi_gpu_cases(device)
-            continue
-        for model in models:
-            geo = geometry(model, device, dtype, full)
-            cases += kernel_cases(geo) if part == "kernels" else transformer_cases(geo)
-    return cases
+    return [case for part in PARTS if part in parts for case in BUILDERS[part](device, models, dtype, full)]

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..pipeline import distributed
-from .cases import PROMPT, Case, Contender, Failed, Prepared, Skip
+from .cases import PROMPT, Case, Contender, Failed, Prepared, Skip, register
 
 MIN_GPUS = 2
 CFG_STEPS = 8  # the CFG-parallel case's steps on CUDA (the large preset's 40 would add minutes to the run)
@@ -88,10 +88,10 @@ def _worker(spec: PoolSpec, rank: int, port: int, commands, replies):
 
 
 def _serve(spec: PoolSpec, rank: int, commands, replies, parent: int):
-    from .cases import _e2e_components, _need_triton
     from ..models.mmditx import FastMMDiTX
     from ..pipeline.runner import Pipeline
     from ..pipeline.sampling import CFGDenoiser
+    from .cases import _e2e_components, _need_triton
 
     if not spec.cuda:
         torch.set_num_threads(1)  # as torchrun sets on CPUs; and the same GEMM sums whatever the world size
@@ -290,6 +290,11 @@ def world_sizes(gpus: int) -> list[int]:
     while sizes[-1] * 2 < gpus:
         sizes.append(sizes[-1] * 2)
     return sizes + [gpus] if gpus > 1 else sizes
+
+
+@register("multigpu")
+def _multi_gpu_part(device, models, dtype, full) -> list[Case]:
+    return multi_gpu_cases(device)
 
 
 def multi_gpu_cases(device, cpu_workers: int | None = None, start_method: str = "spawn") -> list[Case]:

@@ -55,9 +55,9 @@ from typing import Callable
 import torch
 
 from .. import kernels
+from ..errors import FastSD35Error
 from ..version import __version__
 from .cases import MODELS, NOT_INTERPRETED, PARTS, Case, Contender, Failed, Skip, build_cases
-from ..errors import FastSD35Error
 
 GIB = 1 << 30
 MAX_ITERATIONS = 1000

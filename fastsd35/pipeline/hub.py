@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FastSD35Error
-from .presets import PRESETS, Preset
 from ..models.tokenization import hf_cache_dir, hf_offline
+from .presets import PRESETS, Preset
 
 # The released repositories, by the preset they are made for (the preset is then named, never guessed).
 KNOWN_REPOS = {
@@ -175,8 +175,13 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 def _explain(e: BaseException, repo: str, revision: str, during: str) -> FastSD35Error | None:
     """huggingface_hub's failures as one line that says what to do (None for an unexpected error: it propagates)."""
-    from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                       RevisionNotFoundError)
+    from huggingface_hub.utils import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if isinstance(e, GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
         return FastSD35Error(f"{repo} is gated: accept the license at https://huggingface.co/{repo} and log in with "

@@ -11,24 +11,24 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from . import hub, memory
-from ..tiny import family as tiny
-from ..models.devices import default_device, default_dtype
-from ..weights.checkpoints import find_model_files, load_transformer, transformer_config
-from ..models.text_encoders import TextEncoders
-from ..weights.text_encoders import load_text_encoders
-from ..models.controlnet import ControlNet, check_compatible
-from .control import control_latent
-from ..weights.controlnet import load_controlnet
 from ..errors import CheckpointError, FastSD35Error
+from ..models.controlnet import ControlNet, check_compatible
+from ..models.devices import default_device, default_dtype
+from ..models.fp8 import is_fp8, is_quantized, quantize_
+from ..models.mmditx import FastMMDiTX, MMDiTX
+from ..models.text_encoders import TextEncoders
+from ..models.vae import SDVAE, image_to_tensor, process_in, process_out, tensor_to_images
+from ..tiny import family as tiny
+from ..weights.checkpoints import find_model_files, load_transformer, transformer_config
+from ..weights.controlnet import load_controlnet
+from ..weights.text_encoders import load_text_encoders
+from ..weights.vae import load_vae
+from . import hub, memory
+from .control import control_latent
 from .graphs import CUDAGraphPasses
 from .inputs import MAX_BATCH, check, check_device, check_image, check_prompts
-from ..models.mmditx import FastMMDiTX, MMDiTX
 from .presets import PRESETS, Preset, Settings, get_preset
-from ..models.fp8 import is_fp8, is_quantized, quantize_
 from .sampling import CFGDenoiser, get_sigmas, img2img_sigmas, initial_latent, make_noise, model_timestep, sample
-from ..models.vae import SDVAE, image_to_tensor, process_in, process_out, tensor_to_images
-from ..weights.vae import load_vae
 
 MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # What the text encoders need on the GPU in bf16 (T5-XXL ~9.5 GB, CLIP-G ~1.4 GB, CLIP-L ~0.25 GB), and what
@@ -128,7 +128,7 @@ class Pipeline:
         loras: Sequence[tuple[str | Path, float]] = (),
     ) -> "Pipeline":
         """Load from an official single file, a folder laid out as the official release, a diffusers folder, or a
-        Hugging Face Hub repository `"ORG/NAME[@REVISION]"` (downloaded into the Hugging Face cache; a local path of
+        Hugging Face Hub repository `"ORG/NAME[@REVISION]"` (a str; a `Path` is always a local path; downloaded into the Hugging Face cache; a local path of
         that name wins; `preset` may then be left out for the released repositories). Before anything is downloaded
         or loaded, a GPU that is short of memory for the weights is a FastSD35Error saying what would fit.
         `fast` runs the transformer on the Triton kernels (FastMMDiTX); `graphs` replays its passes from CUDA graphs
@@ -143,7 +143,7 @@ class Pipeline:
         device, dtype = check_load_options(device, dtype, t5, t5_tokens)
         if text_encoder_device != "auto":
             check_device(text_encoder_device, "text_encoder_device")
-        name = hub.parse_hub_name(model)
+        name = None if isinstance(model, Path) else hub.parse_hub_name(model)  # a Path is always local
         plan = hub.plan(*name, preset, t5=t5, dtype=memory.dtype_name(dtype)) if name else None
         preset = plan.preset if plan else preset
         if preset is None:

@@ -35,12 +35,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from . import family as tiny, scenes as tiny_scenes
 from ..models.mmditx import MMDiTX
+from ..models.vae import SDVAE, AttnBlock, ResnetBlock, process_in
 from ..pipeline.presets import get_preset
 from ..pipeline.sampling import shift_sigma
-from ..models.vae import AttnBlock, ResnetBlock, SDVAE, process_in
 from ..weights.vae import load_vae
+from . import family as tiny
+from . import scenes as tiny_scenes
 
 TEXT_SEED_OFFSET = 2  # the text encoders are tiny_text_encoders(seed + 2), as in tiny.tiny_components
 CAPTION_DROPOUT = 0.1

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoints import DiffusersTransformerSource, safetensors_header
 from ..errors import FastSD35Error
+from .checkpoints import DiffusersTransformerSource, safetensors_header
 
 _PAIR = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)\.weight")
 _ALPHA = re.compile(r"(?P<module>.+)\.alpha")

@@ -13,7 +13,15 @@ import torch
 from ..errors import CheckpointError
 from ..models.devices import default_device, default_dtype
 from ..models.strict import check_keys_and_shapes
-from ..models.text_encoders import ENCODERS, LABELS, T5_EMBEDDINGS, TextEncoders, allocate, clip_config_from_shapes, t5_config_from_shapes
+from ..models.text_encoders import (
+    ENCODERS,
+    LABELS,
+    T5_EMBEDDINGS,
+    TextEncoders,
+    allocate,
+    clip_config_from_shapes,
+    t5_config_from_shapes,
+)
 from ..models.tokenization import check_t5_tokens, find_tokenizer
 from .checkpoints import TensorSource, diffusers_weight_headers, safetensors_header
 from .fp8 import FP8Reader
