@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FastSD35Error
+from ..files import check_writable
 from . import checks
 
 ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
@@ -253,6 +255,16 @@ def _compile_at(index: int) -> Variant:
     return _compile(_JOBS[index])
 
 
+def _worker_signals() -> None:
+    """In a forked compile process: the default SIGTERM and SIGHUP (the pool ends its workers with SIGTERM when it
+    closes or is interrupted; the inherited handler of `fastsd35.app.cli` would print a traceback in each), and
+    SIGINT ignored (Ctrl-C reaches the whole process group: the parent stops the pool and says so, once)."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 _JOBS: list[_Job] = []  # read by the forked workers
 
 
@@ -265,7 +277,7 @@ def compile_all(jobs: list[_Job], workers: int) -> list[Variant]:
 
     _JOBS = jobs
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals) as pool:
             return pool.map(_compile_at, range(len(jobs)), chunksize=1)
     finally:
         _JOBS = []
@@ -338,8 +350,8 @@ def kernels_command(args) -> int:
     archs, dtypes = parse_archs(args.arch), parse_dtypes(args.dtype)
     if args.jobs < 1:
         raise FastSD35Error(f"--jobs {args.jobs}: must be at least 1")
-    if args.json is not None and args.json.is_dir():
-        raise FastSD35Error(f"--json {args.json}: is a folder, not a file")
+    if args.json is not None:  # before minutes of compiling, not after
+        check_writable(args.json, "--json")
     if checks.INTERPRET:
         raise FastSD35Error("fastsd35 kernels compiles for the GPU: unset TRITON_INTERPRET (the interpreter was asked for)")
     start = time.perf_counter()
