@@ -62,7 +62,7 @@ def check_writable(path, what: str, *, folder: bool = False) -> None:
         try:
             return os.stat(p)
         except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):  # too long: the name check says so
                 return None
             fail(f"cannot use it ({e.strerror or e})")
 
