@@ -77,6 +77,8 @@ def check_writable(path, what: str, *, folder: bool = False) -> None:
         kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a FIFO"))
         return next((name for test, name in kinds if test(mode)), "a device or socket")
 
+    if len(os.fsencode(str(path.absolute()))) >= _PATH_MAX:
+        fail("the path is longer than the system's limit")
     found = status(path)
     if found is not None and folder:
         if not stat.S_ISDIR(found.st_mode):
@@ -101,6 +103,9 @@ def check_writable(path, what: str, *, folder: bool = False) -> None:
         if len(os.fsencode(part)) > name_max:
             fail(f"the name {part[:40]}... is longer than the file system's limit of {name_max} bytes")
     probe(existing)
+
+
+_PATH_MAX = 4096  # Linux's; a longer path cannot be opened even when every name in it is short
 
 
 def _name_max(folder: Path) -> int:

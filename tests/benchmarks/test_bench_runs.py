@@ -45,6 +45,7 @@ def bad_outs(tmp_path: Path) -> dict:
         tmp_path / "fifo": "is a FIFO, not a folder",
         tmp_path / "file" / "sub": f"{tmp_path / 'file'} is a file, not a folder",
         tmp_path / ("n" * 300) / "x": "longer than the file system's limit",
+        tmp_path.joinpath(*["d" * 200] * 21): "the path is longer than the system's limit",
         taken: "is a folder, not a file",
     }
 
