@@ -255,29 +255,47 @@ def _compile_at(index: int) -> Variant:
     return _compile(_JOBS[index])
 
 
-def _worker_signals() -> None:
-    """In a forked compile process: the default SIGTERM and SIGHUP (the pool ends its workers with SIGTERM when it
-    closes or is interrupted; the inherited handler of `fastsd35.app.cli` would print a traceback in each), and
-    SIGINT ignored (Ctrl-C reaches the whole process group: the parent stops the pool and says so, once)."""
+# The signals that stop a run (fastsd35.app.cli turns them into exceptions in the main thread).
+_STOP_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
+
+
+def _worker_signals(mask) -> None:
+    """In a forked compile process, before any job: the default SIGTERM and SIGHUP (the pool ends its workers with
+    SIGTERM when it closes or is interrupted; the inherited handler of `fastsd35.app.cli` would print a traceback in
+    each) and SIGINT ignored (Ctrl-C reaches the whole process group: the parent stops the pool and says so, once);
+    then the parent's signal mask again (`compile_all` blocked the stop signals while forking)."""
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 _JOBS: list[_Job] = []  # read by the forked workers
 
 
 def compile_all(jobs: list[_Job], workers: int) -> list[Variant]:
-    """Compile every job (in `workers` forked processes when > 1); results in job order."""
+    """Compile every job (in `workers` forked processes when > 1); results in job order.
+
+    The stop signals are blocked while the pool forks its workers: a handler that raises inside an at-fork callback
+    (the logging module's runs in the parent after each fork) has its exception printed and ignored, so the signal
+    would be lost and the run go on for minutes; blocked, it waits and is delivered once the pool is inside `with`,
+    which then ends the workers. The workers start with it blocked too and set their own handlers first."""
     global _JOBS
     if workers <= 1 or len(jobs) <= 1:
         return [_compile(j) for j in jobs]
     import multiprocessing
 
     _JOBS = jobs
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals) as pool:
+        try:
+            pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals, initargs=(mask,))
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
+        with pool:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came while forking is raised here
             return pool.map(_compile_at, range(len(jobs)), chunksize=1)
     finally:
         _JOBS = []
