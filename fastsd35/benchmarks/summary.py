@@ -4,8 +4,9 @@
         --tests <device>-gpu-tests.xml --parts <device>-gpu-check-parts.tsv --since 2025-01-01T00:00:00Z
 
 Every input may be missing (a part that was skipped or stopped before writing): what is there is shown, and the
-parts' outcomes (ok, stopped at its limit, its exit status, skipped) say why the rest is not. Only results measured
-since `--since` (the check's start) are shown: a results file keeps older runs' figures beside them.
+parts' outcomes (ok, stopped at its limit, its exit status, skipped) say why the rest is not. Only what was measured
+since `--since` (the check's start) is shown: a results file keeps older runs' figures beside them, and the compile
+report and test files of an earlier check are left where they are.
 """
 
 from __future__ import annotations
@@ -137,11 +138,21 @@ def part_lines(path: Path | None) -> list[str]:
     return out
 
 
+def _fresh(path: Path | None, since: datetime.datetime | None) -> Path | None:
+    """`path` when it was written at or after `since` (an earlier check's file is not this one's), else None."""
+    try:
+        written = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc) if path else None
+    except OSError:
+        return None
+    return path if written is not None and (since is None or written >= since) else None
+
+
 def summary(results: Path | None, kernels: Path | None = None, tests: Path | None = None, parts: Path | None = None,
             since: str | None = None, budget: int | None = None) -> str:
     record = _load_json(results)
-    rows = result_rows(record if isinstance(record, dict) else None, _when(since) if since else None)
-    extra_rows = [row for row in (kernel_row(_load_json(kernels)), test_row(tests)) if row]
+    start = _when(since) if since else None
+    rows = result_rows(record if isinstance(record, dict) else None, start)
+    extra_rows = [row for row in (kernel_row(_load_json(_fresh(kernels, start))), test_row(_fresh(tests, start))) if row]
     rows = sorted(extra_rows + rows, key=lambda row: PARTS.index(row[0]))
     head = []
     if isinstance(record, dict):

@@ -201,3 +201,17 @@ def test_a_run_records_every_part_and_ends_with_the_summary(tmp_path):
 def test_summary_without_inputs_says_nothing_was_measured(tmp_path):
     text = summary.summary(tmp_path / "missing.json", tmp_path / "k.json", tmp_path / "t.xml", tmp_path / "p.tsv")
     assert "| - | nothing was measured | | | | | | |" in text
+
+
+def test_summary_leaves_out_an_earlier_checks_files(tmp_path):
+    """A compile report or test file written before this check started (its part skipped or stopped this time) is
+    not shown as this check's."""
+    kernels, tests = tmp_path / "k.json", tmp_path / "t.xml"
+    kernels.write_text(json.dumps([{"kernel": "k", "arch": "sm_90", "dtype": "bf16", "ok": True, "registers": 1}]))
+    tests.write_text(JUNIT)
+    os.utime(kernels, (1e9, 1e9))
+    os.utime(tests, (1e9, 1e9))
+    text = summary.summary(None, kernels, tests, since="2020-01-01T00:00:00Z")
+    assert "nothing was measured" in text
+    text = summary.summary(None, kernels, tests, since="2000-01-01T00:00:00Z")
+    assert "| kernels-report | compile report sm_90 bf16 | 1 variants |" in text and "| tests | pytest -m gpu |" in text
