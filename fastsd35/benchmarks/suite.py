@@ -41,7 +41,6 @@ can be run one command at a time (`--only`, `--cases`, `--contenders`).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import gc
 import json
