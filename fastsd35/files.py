@@ -62,6 +62,8 @@ def check_writable(path, what: str, *, folder: bool = False) -> None:
         try:
             return os.stat(p)
         except OSError as e:
+            if e.errno == errno.ENOENT and os.path.lexists(p):  # writing would follow it, or fail on it
+                fail(f"{p} is a link to nothing")
             if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):  # too long: the name check says so
                 return None
             fail(f"cannot use it ({e.strerror or e})")

@@ -40,7 +40,11 @@ def bad_outs(tmp_path: Path) -> dict:
     os.mkfifo(tmp_path / "fifo")
     taken = tmp_path / "taken"
     (taken / f"{fb.detect_environment('cpu').slug}.json").mkdir(parents=True)  # the results file's name is a folder
-    return {
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    proc = {Path("/proc/fastsd35-bench"): "cannot write in /proc"} if Path("/proc/self").exists() else {}
+    return proc | {
+        tmp_path / "dangling": f"{tmp_path / 'dangling'} is a link to nothing",
+        tmp_path / "dangling" / "sub": f"{tmp_path / 'dangling'} is a link to nothing",
         tmp_path / "file": "is a file, not a folder",
         tmp_path / "fifo": "is a FIFO, not a folder",
         tmp_path / "file" / "sub": f"{tmp_path / 'file'} is a file, not a folder",

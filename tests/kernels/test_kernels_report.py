@@ -144,7 +144,10 @@ def _json_targets(tmp_path: Path) -> dict:
     """--json values that cannot be written, and the reason each must give."""
     (tmp_path / "file").write_text("x")
     os.mkfifo(tmp_path / "fifo")
-    return {
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "r.json")
+    proc = {"/proc/r.json": "cannot write in /proc"} if Path("/proc/self").exists() else {}  # even for root
+    return proc | {
+        str(tmp_path / "dangling"): f"{tmp_path / 'dangling'} is a link to nothing",
         str(tmp_path): "is a folder, not a file",
         str(tmp_path / "missing" / "r.json"): f"the folder {tmp_path / 'missing'} does not exist",
         str(tmp_path / "file" / "r.json"): f"{tmp_path / 'file'} is a file, not a folder",
