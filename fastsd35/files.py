@@ -11,6 +11,33 @@ import stat
 from .errors import FastSD35Error
 
 
+def _stat(path) -> os.stat_result | None:
+    """os.stat(path), or None where there is nothing to stat: missing, a name longer than the file system allows,
+    a component that is not a folder, a loop, no permission to look (os.path.exists's rule, for every call site)."""
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):  # ValueError: an embedded NUL byte
+        return None
+
+
+def exists(path) -> bool:
+    """Whether `path` names something (following links). Never raises, unlike Path.exists on Python < 3.12 for a
+    name longer than the file system's limit: every user path is asked through here."""
+    return _stat(path) is not None
+
+
+def is_file(path) -> bool:
+    """Whether `path` is a regular file (following links); False for anything else, and never raises."""
+    st = _stat(path)
+    return st is not None and stat.S_ISREG(st.st_mode)
+
+
+def is_dir(path) -> bool:
+    """Whether `path` is a folder (following links); False for anything else, and never raises."""
+    st = _stat(path)
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
 def read_user_file(path, what: str, limit: int) -> bytes:
     """The bytes of a regular file of at most `limit` bytes. Opened without blocking (a FIFO or device never hangs
     the run) and checked to be a regular file before anything is read."""

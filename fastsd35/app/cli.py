@@ -22,7 +22,7 @@ from ..kernels import report as kernel_report
 from ..models.controlnet import CONTROL_TYPES
 from ..pipeline import memory
 from ..pipeline.distributed import launched
-from ..pipeline.inputs import DTYPES
+from ..pipeline.inputs import DTYPES, check
 from ..pipeline.presets import PRESETS
 from ..pipeline.sampling import SAMPLERS
 from ..version import __version__
@@ -110,14 +110,31 @@ def main(argv=None) -> int:
         with signals_as_interrupts():
             return args.handler(args)
     except FastSD35Error as e:
-        print(f"fastsd35: error: {e}", file=sys.stderr)
+        say(f"fastsd35: error: {e}")
         return 2
     except Terminated as e:
-        print(f"fastsd35: {signal.Signals(e.signum).name} received: stopped, nothing partial written", file=sys.stderr)
+        say(f"fastsd35: {signal.Signals(e.signum).name} received: stopped, nothing partial written")
         return 128 + e.signum
     except KeyboardInterrupt:
-        print("fastsd35: interrupted", file=sys.stderr)
+        say("fastsd35: interrupted")
         return 130
+
+
+def say(line: str):
+    """One line on stderr, on a line of its own: progress bars still open are closed first, which ends their line;
+    a bar an interrupt caught half made (it may have drawn itself but cannot close) gets its line ended here."""
+    from tqdm import tqdm
+
+    unended = False
+    for bar in list(getattr(tqdm, "_instances", ())):
+        # Interrupted inside tqdm.__init__ after it drew itself, a bar has no last_print_t and its close() returns
+        # without ending the line.
+        unended |= getattr(bar, "sp", None) is not None and not hasattr(bar, "last_print_t")
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001
+            unended = True
+    print(("\n" if unended else "") + line, file=sys.stderr)
 
 
 class Terminated(KeyboardInterrupt):
@@ -151,6 +168,7 @@ def signals_as_interrupts():
 
 def run_command(args) -> int:
     """`fastsd35 run`: the arguments become a job (fastsd35.app.jobs), the job's images become PNGs in --out."""
+    check("dist_timeout", args.dist_timeout, "--dist-timeout")  # checked in one process too: the same command line
     if launched():  # one rank of a torchrun job
         return torchrun.run_command(args)
     started = time.perf_counter()

@@ -16,7 +16,6 @@ for the values in messages: `--steps` on the command line, `steps` in Python and
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -28,25 +27,19 @@ import torch
 from PIL import Image
 
 from ..errors import FastSD35Error
-from ..files import read_user_file
+from ..files import exists, is_dir, is_file, read_user_file
 from ..models.controlnet import CONTROL_TYPES
 from ..models.fp8 import is_quantized
 from ..models.mmditx import CONFIGS
 from ..pipeline import hub, memory
-from ..pipeline.inputs import (
-    DTYPES,
-    MAX_IMAGE_FILE_BYTES,
-    MAX_PROMPTS_FILE_BYTES,
-    check_device,
-    check_prompts,
-    check_values,
-    image_from_bytes,
-)
+from ..pipeline.inputs import (DTYPES, MAX_IMAGE_FILE_BYTES, MAX_PROMPTS_FILE_BYTES, shown, check_device, check_loras,
+                               check_prompts, check_values, image_from_bytes)
 from ..pipeline.presets import PRESETS, Preset, Settings, get_preset
 from ..pipeline.sampling import CFGDenoiser, SLGConfig
 from ..tiny.family import TINY_MMDITX_CONFIG, TRAINED_MMDITX_CONFIG
 from ..version import __version__
 from ..weights.checkpoints import find_model_files, transformer_config
+from ..weights.lora import MAX_LORA_BYTES
 from .outputs import image_name, png_bytes, png_size_bound
 from .records import check_record, check_same_file, sha256
 
@@ -133,7 +126,7 @@ class Job:
     settings: Settings
     init: ImageInput | None
     control: Control | None
-    loras: tuple[tuple[Path, float], ...]
+    loras: tuple[tuple[Path, float, str | None], ...]  # file, scale, the SHA-256 a record expects
     device: torch.device
     dtype: str | None  # a DTYPES name; None: the device's default
     t5: bool
@@ -189,7 +182,7 @@ def request_from_record(record: dict, source) -> dict:
         request["init_image_sha256"] = record.get("init_image_sha256")
     slg = record.get("slg")
     request["slg"] = SLGConfig(**{**slg, "layers": tuple(slg["layers"])}) if slg else False
-    request["lora"] = [(Path(lora["file"]), lora["scale"]) for lora in record.get("loras") or []] or None
+    request["lora"] = [(Path(lora["file"]), lora["scale"], lora.get("sha256")) for lora in record.get("loras") or []] or None
     request["cfg_parallel"] = record.get("cfg_parallel", False)
     control = record.get("controlnet")
     if control:
@@ -265,6 +258,9 @@ def plan(request: Mapping[str, Any], *, label: Callable[[str], str] = cli_label)
         slg=r["slg"], denoise=(DEFAULT_DENOISE if r["denoise"] is None else r["denoise"]) if init else 1.0,
         max_pixels=_max_pixels(preset),
     )
+    if settings.slg and preset.variant in CONFIGS and max(settings.slg.layers) >= CONFIGS[preset.variant].depth:
+        raise FastSD35Error(f"skip-layer guidance layers {list(settings.slg.layers)} do not exist in "
+                            f"{preset.name}'s {CONFIGS[preset.variant].depth}-block transformer")
     batch_size = 1 if r["batch_size"] is None else r["batch_size"]
     cfg_parallel = bool(r["cfg_parallel"])
     if cfg_parallel and settings.cfg <= 1:
@@ -314,29 +310,22 @@ def _prompts(prompt, prompts_file) -> list[str]:
     return prompts
 
 
-def _lora(item, what: str) -> tuple[Path, float]:
-    """A LoRA as "FILE[:SCALE]" or (file, scale), with the file's keys checked (it is read whole only when the model
-    is loaded)."""
+def _lora(item, what: str) -> tuple[Path, float, str | None]:
+    """A LoRA as "FILE[:SCALE]", (file, scale) or (file, scale, SHA-256), with the file's keys checked (it is read
+    whole when the model is loaded) and, where a record gives its SHA-256, the file's bytes checked against it."""
     from ..weights.lora import lora_layers, parse_lora_arg
 
     if isinstance(item, str):
         path, scale = parse_lora_arg(item)
-    elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (str, Path)):
-        path, scale = Path(item[0]), item[1]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not _finite_number(scale):
-            raise FastSD35Error(f"{what} {path}: the scale must be a finite number, got {scale!r}")
-        scale = float(scale)
+        digest = None
+    elif isinstance(item, tuple):
+        [(path, scale, digest)] = check_loras([item], what)
     else:
-        raise FastSD35Error(f"{what} must be FILE[:SCALE] or a (file, scale) pair, got {item!r}")
+        raise FastSD35Error(f"{what} must be FILE[:SCALE] or a (file, scale) pair, got {shown(item)}")
     lora_layers(path)
-    return path, scale
-
-
-def _finite_number(value) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
+    if digest is not None:
+        check_same_file(read_user_file(path, "LoRA file", MAX_LORA_BYTES), digest, path, "LoRA file", "--lora")
+    return path, scale, digest
 
 
 def _control(r: dict, label) -> Control | None:
@@ -347,7 +336,7 @@ def _control(r: dict, label) -> Control | None:
             raise FastSD35Error(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} {label('controlnet')}")
         return None
     controlnet = Path(r["controlnet"])
-    if not controlnet.exists():
+    if not exists(controlnet):
         raise FastSD35Error(f"{controlnet}: no such ControlNet file or folder")
     if r["control_image"] is None:
         raise FastSD35Error(f"{label('controlnet')} needs {label('control_image')} (edges, a blurred image or a depth map)")
@@ -394,10 +383,10 @@ def _max_pixels(preset: Preset) -> int:
 
 def _preset_from_checkpoint(model: Path) -> Preset:
     """The preset a local checkpoint implies, read from its tensor shapes (never from its file name)."""
-    if not model.exists():
+    if not exists(model):
         raise FastSD35Error(f"no --preset given and {model} does not exist to read one from: pass --preset "
                             f"({', '.join(PRESETS)}) and --model")
-    if model.is_dir() and not ((model / "transformer").is_dir() or (model / "model_index.json").is_file()):
+    if is_dir(model) and not (is_dir(model / "transformer") or is_file(model / "model_index.json")):
         names = {name for p in PRESETS.values() for name in p.checkpoints}
         found = sorted(p.name for p in model.glob("*.safetensors") if p.name in names)
         if len(found) != 1:
@@ -495,7 +484,7 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
         "t5_tokens": job.t5_tokens,
         "no_t5": not job.t5,
         "controlnet": control,
-        "loras": [{"file": _stored_path(file), "scale": scale} for file, scale in pipe.loras],
+        "loras": [{"file": _stored_path(f.path), "scale": f.scale, "sha256": f.sha256} for f in pipe.loras],
         "backend": kernels.backend(pipe.device),
         "cfg_parallel": job.cfg_parallel,
     }
@@ -567,7 +556,7 @@ def planned_outputs(job: Job) -> list[Path]:
     taken, paths = set(), []
     for wanted in job.image_names():
         stem, name, n = wanted[:-4], None, 1
-        while name is None or (not job.overwrite and (name in taken or (job.out / name).exists())):
+        while name is None or (not job.overwrite and (name in taken or exists(job.out / name))):
             name, n = (f"{stem}.png" if n == 1 else f"{stem}-{n}.png"), n + 1
         taken.add(name)
         paths.append(job.out / name)

@@ -71,13 +71,7 @@ _CONTROL = _object(
     required=("controlnet", "control_image", "strength"),
 )  # fmt: skip
 
-def _finite(value, label):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
-        raise FastSD35Error(f"{label} must be a finite number, got {value!r}")
-    return value
-
-
-_LORA = _object({"file": _string, "scale": _finite}, required=("file", "scale"))
+_LORA = _object({"file": _string, "scale": _field("lora_scale"), "sha256": _digest}, required=("file", "scale"))
 
 
 def _loras(value, label):

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FastSD35Error
+from ..files import is_dir, is_file
 from . import checks
 
 ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
@@ -204,7 +205,7 @@ def _cuobjdump() -> str:
     from triton import knobs
 
     path = knobs.nvidia.cuobjdump.path
-    if not path or not Path(path).is_file():
+    if not path or not is_file(Path(path)):
         raise FastSD35Error(f"fastsd35 kernels: cuobjdump not found at {path} (the triton wheel ships one)")
     return path
 
@@ -338,7 +339,7 @@ def kernels_command(args) -> int:
     archs, dtypes = parse_archs(args.arch), parse_dtypes(args.dtype)
     if args.jobs < 1:
         raise FastSD35Error(f"--jobs {args.jobs}: must be at least 1")
-    if args.json is not None and args.json.is_dir():
+    if args.json is not None and is_dir(args.json):
         raise FastSD35Error(f"--json {args.json}: is a folder, not a file")
     if checks.INTERPRET:
         raise FastSD35Error("fastsd35 kernels compiles for the GPU: unset TRITON_INTERPRET (the interpreter was asked for)")

@@ -21,12 +21,23 @@ from ..models.vae import SDVAE, image_to_tensor, process_in, process_out, tensor
 from ..tiny import family as tiny
 from ..weights.checkpoints import find_model_files, load_transformer, transformer_config
 from ..weights.controlnet import load_controlnet
+from ..weights.lora import Fused, fuse_loras
 from ..weights.text_encoders import load_text_encoders
 from ..weights.vae import load_vae
 from . import hub, memory
 from .control import control_latent
 from .graphs import CUDAGraphPasses
-from .inputs import MAX_BATCH, check, check_device, check_image, check_prompts
+from .inputs import (
+    DTYPES,
+    MAX_BATCH,
+    check,
+    check_device,
+    check_image,
+    check_loras,
+    check_optional_bool,
+    check_path,
+    check_prompts,
+)
 from .presets import PRESETS, Preset, Settings, get_preset
 from .sampling import CFGDenoiser, get_sigmas, img2img_sigmas, initial_latent, make_noise, model_timestep, sample
 
@@ -95,17 +106,19 @@ class Pipeline:
         if use_graphs(graphs, transformer.device):
             self.model_pass = CUDAGraphPasses(self.model_pass, transformer.device)
         self.timings: dict[str, float] = {}
-        self.loras: list[tuple[str, float]] = []  # (file, scale) fused into the transformer, in order
+        self.loras: list[Fused] = []  # the LoRA files fused into the transformer, in order, with their SHA-256
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> "Pipeline":
         """Fuse a LoRA file (diffusers/PEFT or kohya/ComfyUI layout) into the transformer's weights: once, no cost
-        per step. A bad file raises FastSD35Error and leaves the weights unchanged. The fusion works on the weights as
-        loaded (full precision): a quantized (FP8) transformer must get its LoRAs before quantizing."""
+        per step. All or nothing: whatever fails (a bad file, out of memory, an interrupt), FastSD35Error or the
+        failure is raised with the weights exactly as they were (the weights a LoRA changes are copied to the CPU
+        while it is fused). The fusion works on the weights as loaded (full precision): a quantized (FP8)
+        transformer must get its LoRAs before quantizing."""
+        [(path, scale, _)] = check_loras([(path, scale)], "load_lora")
         if is_quantized(self.transformer):
             raise FastSD35Error("a LoRA cannot be fused into FP8 weights: pass it when loading "
                                 "(Pipeline.from_pretrained(..., loras=[(path, scale)]) or fastsd35 run --lora)")
-        _fuse_loras(self.transformer, [(path, scale)])
-        self.loras.append((str(path), float(scale)))
+        self.loras += fuse_loras(self.transformer, [(path, scale)], atomic=True)
         return self
 
     # -- construction ------------------------------------------------------------------------------------------
@@ -137,10 +150,11 @@ class Pipeline:
         (`control_type` names its kind when the files do not). `dtype="fp8"`: the transformer's (and ControlNet's)
         block Linears in FP8 (fastsd35.models.fp8), everything else in the device's default dtype. `loras`: (file,
         scale) pairs fused into the transformer as it is loaded (see `load_lora`), before any FP8 quantization."""
-        preset = get_preset(preset) if isinstance(preset, str) else preset
+        preset = _check_preset(preset)
         if not isinstance(model, (str, Path)):
             raise FastSD35Error(f"model must be a path (str or Path), got {type(model).__name__}")
         device, dtype = check_load_options(device, dtype, t5, t5_tokens)
+        controlnet, loras = _check_extras(fast, graphs, controlnet, control_type, loras)
         if text_encoder_device != "auto":
             check_device(text_encoder_device, "text_encoder_device")
         name = None if isinstance(model, Path) else hub.parse_hub_name(model)  # a Path is always local
@@ -167,7 +181,7 @@ class Pipeline:
             fuse_first = bool(loras) and is_fp8(dtype)
             transformer = load_transformer(files.transformer, dtype=default_dtype(device) if fuse_first else dtype,
                                            device=device, model_cls=FastMMDiTX if fast else MMDiTX)
-            _fuse_loras(transformer, loras)
+            fused = fuse_loras(transformer, loras, atomic=False)  # a failed load keeps nothing
             if fuse_first:
                 quantize_(transformer)
             cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type, dtype=dtype, device=device)
@@ -181,7 +195,7 @@ class Pipeline:
             )
         pipe = cls(transformer, vae, text, preset, controlnet=cn, graphs=graphs)
         pipe.timings.update(timings)
-        pipe.loras = [(str(path), float(scale)) for path, scale in loras]
+        pipe.loras = fused
         return pipe
 
     @classmethod
@@ -193,24 +207,28 @@ class Pipeline:
         code from `seed` (seconds on a CPU), optionally with a ControlNet file made for it
         (`tiny.write_tiny_controlnet`)."""
         if name == "tiny":
+            check("seed", seed, "seed")  # unused by the trained model, checked all the same
             return cls.from_pretrained(tiny.trained_model_dir(), "tiny", device=device, dtype=dtype, t5=t5,
                                        t5_tokens=t5_tokens, graphs=graphs, controlnet=controlnet,
                                        control_type=control_type, loras=loras)  # fmt: skip
         if name != "tiny_random":
+            get_preset(name)  # an unknown name says so
             raise FastSD35Error(f"preset {name!r} needs checkpoint files: use Pipeline.from_pretrained(model, {name!r})")
         device, dtype = check_load_options(device, dtype, t5, t5_tokens)
+        controlnet, loras = _check_extras(True, graphs, controlnet, control_type, loras)
+        seed = check("seed", seed, "seed")
         timings = {}
         with _stage("load", timings, device):
             fp8, dtype = is_fp8(dtype), default_dtype(device) if is_fp8(dtype) else dtype
             transformer, vae, text = tiny.tiny_components(seed, device=device, dtype=dtype, t5=t5, t5_tokens=t5_tokens)
-            _fuse_loras(transformer, loras)  # before quantizing: LoRAs fuse into full-precision weights
+            fused = fuse_loras(transformer, loras, atomic=False)  # before quantizing: LoRAs fuse into full precision
             if fp8:
                 quantize_(transformer)
             cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type,
                                                                  dtype="fp8" if fp8 else dtype, device=device)
         pipe = cls(transformer, vae, text, "tiny_random", controlnet=cn, graphs=graphs)
         pipe.timings.update(timings)
-        pipe.loras = [(str(path), float(scale)) for path, scale in loras]
+        pipe.loras = fused
         return pipe
 
     @property
@@ -342,13 +360,23 @@ class Pipeline:
         return process_in(self.vae.encode(pixels, generator).float().cpu())
 
 
-def _fuse_loras(transformer: MMDiTX, loras):
-    """LoRAs go into the weights right after loading, at full precision: anything that quantizes the transformer (FP8)
-    must come after this."""
-    from ..weights.lora import fuse_lora
+def _check_preset(preset) -> Preset | None:
+    if preset is None or isinstance(preset, Preset):
+        return preset
+    if isinstance(preset, str):
+        return get_preset(preset)
+    raise FastSD35Error(f"preset must be a preset name ({', '.join(PRESETS)}) or a Preset, got {type(preset).__name__}")
 
-    for path, scale in loras:
-        fuse_lora(transformer, path, scale)
+
+def _check_extras(fast, graphs, controlnet, control_type, loras):
+    """The loading options beside the model, checked before anything is read: (controlnet path or None, LoRAs)."""
+    if not isinstance(fast, bool):
+        raise FastSD35Error(f"fast must be True or False, got {fast!r}")
+    check_optional_bool(graphs, "graphs")
+    controlnet = None if controlnet is None else check_path(controlnet, "controlnet")
+    if control_type is not None and (isinstance(control_type, bool) or not isinstance(control_type, (str, int))):
+        raise FastSD35Error(f"control_type must be blur, canny or depth, got {type(control_type).__name__}")
+    return controlnet, check_loras(loras, "loras")
 
 
 @contextmanager
@@ -376,8 +404,10 @@ def check_load_options(device, dtype, t5, t5_tokens) -> tuple[torch.device, torc
     """The device (default: CUDA when available) and dtype (default: bf16 on CUDA, fp32 on CPU) a pipeline loads
     with, after checking them and the T5 options (FastSD35Error before anything is read)."""
     device = check_device(device) if device is not None else default_device()
-    if dtype is not None and not is_fp8(dtype) and dtype not in MODEL_DTYPES:
-        raise FastSD35Error(f"dtype must be one of {', '.join(map(str, MODEL_DTYPES))} or 'fp8', got {dtype!r}")
+    if isinstance(dtype, str) and dtype in DTYPES:  # the names --dtype takes
+        dtype = "fp8" if is_fp8(DTYPES[dtype]) else DTYPES[dtype]
+    if dtype is not None and not is_fp8(dtype) and not any(dtype is d for d in MODEL_DTYPES):
+        raise FastSD35Error(f"dtype must be one of {', '.join(DTYPES)} or a torch dtype of those, got {dtype!r}")
     if not isinstance(t5, bool):
         raise FastSD35Error(f"t5 must be True or False, got {t5!r}")
     check("t5_tokens", t5_tokens, "t5_tokens")

@@ -160,11 +160,18 @@ class CFGDenoiser:
 Denoiser = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
+def _steps(n: int, progress: bool):
+    """range(n) under a progress bar that is closed however the loop ends (the `with`): an interrupt's message then
+    starts on a line of its own, not on the bar's."""
+    return tqdm(range(n), disable=not progress, desc="sampling")
+
+
 def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = True) -> torch.Tensor:
     """x += (x - D)/sigma_i * (sigma_{i+1} - sigma_i) per step."""
-    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
-        denoised = denoiser(x, sigmas[i], i)
-        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    with _steps(len(sigmas) - 1, progress) as steps:
+        for i in steps:
+            denoised = denoiser(x, sigmas[i], i)
+            x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
     return x
 
 
@@ -175,19 +182,20 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, p
     the reference."""
     old = None
     t = -sigmas.log()  # t[-1] = inf for the final sigma 0
-    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
-        denoised = denoiser(x, sigmas[i], i)
-        h = t[i + 1] - t[i]
-        if old is None or sigmas[i + 1] == 0:
-            d = denoised
-        else:
-            r = (t[i] - t[i - 1]) / h
-            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
-        ratio = (-t[i + 1]).exp() / (-t[i]).exp()
-        if x.dtype == torch.float16:  # the fp16 start: a 0-d tensor on x's device times it is an fp16 product
-            ratio = ratio.to(x.device)
-        x = ratio * x - torch.expm1(-h) * d
-        old = denoised
+    with _steps(len(sigmas) - 1, progress) as steps:
+        for i in steps:
+            denoised = denoiser(x, sigmas[i], i)
+            h = t[i + 1] - t[i]
+            if old is None or sigmas[i + 1] == 0:
+                d = denoised
+            else:
+                r = (t[i] - t[i - 1]) / h
+                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+            ratio = (-t[i + 1]).exp() / (-t[i]).exp()
+            if x.dtype == torch.float16:  # the fp16 start: a 0-d tensor on x's device times it is an fp16 product
+                ratio = ratio.to(x.device)
+            x = ratio * x - torch.expm1(-h) * d
+            old = denoised
     return x
 
 
