@@ -56,6 +56,8 @@ def open_regular(path, what: str, error: type[FastSD35Error] = FastSD35Error):
     """A binary file object for `path`, which must be a regular file (`error` otherwise, without blocking)."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except ValueError:  # an embedded NUL byte
+        raise error(f"cannot read {what} {path!r}: a path cannot hold a NUL byte") from None
     except OSError as e:
         reason = "not found" if e.errno == errno.ENOENT else e.strerror or str(e)
         raise error(f"cannot read {what} {path}: {reason}") from None

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 from ..benchmarks import suite as benchmark
 from ..errors import FastSD35Error
@@ -45,11 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--model", help="Hugging Face Hub name ORG/NAME[@REVISION], checkpoint file, folder with the official "
                                       "files, or diffusers folder (default: models/); a local path wins over a Hub name")
     what.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    what.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line (blank lines skipped)")
+    what.add_argument("--prompts-file", help="a text file with one prompt per line (blank lines skipped)")
     what.add_argument("--negative-prompt", help='negative prompt (default: "")')
     what.add_argument("--seed", type=int, help="seed of the first image (default 23); image i of a prompt uses seed+i")
     what.add_argument("--batch-size", type=int, default=1, help="images per prompt, sampled together (default 1)")
-    what.add_argument("--from-png", type=Path, help="reproduce an image from the settings stored in its metadata")
+    what.add_argument("--from-png", help="reproduce an image from the settings stored in its metadata")
     what.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                       help="fuse a LoRA (.safetensors, diffusers or kohya layout) into the transformer at load, with "
                            "SCALE (default 1.0); repeat for several")
@@ -61,11 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--shift", type=float, help="sigma schedule shift")
     how.add_argument("--sampler", choices=SAMPLERS)
     how.add_argument("--slg", action=argparse.BooleanOptionalAction, help="skip-layer guidance (on by default for medium)")
-    how.add_argument("--init-image", type=Path, help="img2img: start from this image")
+    how.add_argument("--init-image", help="img2img: start from this image")
     how.add_argument("--denoise", type=float, help="img2img strength in (0, 1] (default 0.8)")
     cn = run.add_argument_group("ControlNet (SD3.5 Large)")
-    cn.add_argument("--controlnet", type=Path, help="an SD3.5 ControlNet file (blur, canny or depth) or diffusers folder")
-    cn.add_argument("--control-image", type=Path, help="the control image (edges, blurred image or depth map)")
+    cn.add_argument("--controlnet", help="an SD3.5 ControlNet file (blur, canny or depth) or diffusers folder")
+    cn.add_argument("--control-image", help="the control image (edges, blurred image or depth map)")
     cn.add_argument("--control-preprocess", choices=("canny", "blur", "depth"),
                     help="make the control image from a photo: canny edges or a Gaussian blur (depth maps must be supplied)")
     cn.add_argument("--control-strength", type=float, help="scales the ControlNet's residuals (default 1.0)")
@@ -83,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--t5-tokens", type=int, help="longest T5 prompt in tokens (default 256, max 512)")
     hw.add_argument("--no-t5", action="store_true", default=None, help="do not load T5-XXL (zeros in its place)")
     out = run.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default outputs/)")
+    out.add_argument("--out", default="outputs", help="output folder (default outputs/)")
     out.add_argument("--overwrite", action="store_true", help="replace existing files instead of writing name-2.png")
     out.add_argument("--dry-run", action="store_true", help="print the files, settings, memory estimate and output names; "
                                                             "download, load and write nothing")
@@ -120,6 +119,9 @@ def main(argv=None) -> int:
         return 130
 
 
+MAX_LINE = 600  # characters of one message line
+
+
 def say(line: str):
     """One line on stderr, on a line of its own: progress bars still open are closed first, which ends their line;
     a bar an interrupt caught half made (it may have drawn itself but cannot close) gets its line ended here."""
@@ -134,6 +136,9 @@ def say(line: str):
             bar.close()
         except Exception:  # noqa: BLE001
             unended = True
+    if len(line) > MAX_LINE:  # a value given thousands of characters long is cut, not echoed whole
+        cut = len(line) - MAX_LINE
+        line = f"{line[:MAX_LINE // 2]}... ({cut} characters cut) ...{line[-MAX_LINE // 2:]}"
     print(("\n" if unended else "") + line, file=sys.stderr)
 
 

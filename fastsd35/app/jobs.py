@@ -33,7 +33,7 @@ from ..models.fp8 import is_quantized
 from ..models.mmditx import CONFIGS
 from ..pipeline import hub, memory
 from ..pipeline.inputs import (DTYPES, MAX_IMAGE_FILE_BYTES, MAX_PROMPTS_FILE_BYTES, shown, check_device, check_loras,
-                               check_prompts, check_values, image_from_bytes)
+                               check_path, check_prompts, check_values, image_from_bytes)
 from ..pipeline.presets import PRESETS, Preset, Settings, get_preset
 from ..pipeline.sampling import CFGDenoiser, SLGConfig
 from ..tiny.family import TINY_MMDITX_CONFIG, TRAINED_MMDITX_CONFIG
@@ -59,6 +59,7 @@ REQUEST_KEYS = (
     "dtype", "device", "text_encoder_device", "graphs", "t5_tokens", "no_t5", "cfg_parallel",
     "out", "overwrite",
 )  # fmt: skip
+PATH_KEYS = ("model", "prompts_file", "init_image", "controlnet", "control_image", "out")
 CONTROL_OPTIONS = ("control_image", "control_preprocess", "control_strength", "control_type", "canny_low", "canny_high",
                    "blur_radius")  # fmt: skip
 
@@ -163,10 +164,11 @@ def request_from_args(args) -> dict:
     request["overwrite"] = bool(args.overwrite)
     if args.text_encoder_device == "auto":
         request["text_encoder_device"] = None
-    if getattr(args, "from_png", None):
+    if getattr(args, "from_png", None) is not None:
         from .outputs import read_record
 
-        request = merge(request, request_from_record(read_record(args.from_png), args.from_png))
+        png = check_path(args.from_png, "--from-png")
+        request = merge(request, request_from_record(read_record(png), png))
     return request
 
 
@@ -177,8 +179,8 @@ def request_from_record(record: dict, source) -> dict:
     request = {key: record.get(key) for key in ("preset", "model", "negative_prompt", "seed", "steps", "cfg", "shift",
                                                  "sampler", "width", "height", "denoise", "dtype", "t5_tokens", "no_t5")}
     request["prompt"] = [record["prompt"]]
-    if record.get("init_image"):
-        request["init_image"] = Path(record["init_image"])
+    if record.get("init_image") is not None:
+        request["init_image"] = record["init_image"]
         request["init_image_sha256"] = record.get("init_image_sha256")
     slg = record.get("slg")
     request["slg"] = SLGConfig(**{**slg, "layers": tuple(slg["layers"])}) if slg else False
@@ -187,8 +189,8 @@ def request_from_record(record: dict, source) -> dict:
     control = record.get("controlnet")
     if control:
         options = control.get("options") or {}
-        request.update(controlnet=Path(control["controlnet"]), control_type=control.get("control_type"),
-                       control_image=Path(control["control_image"]),
+        request.update(controlnet=control["controlnet"], control_type=control.get("control_type"),
+                       control_image=control["control_image"],
                        control_image_sha256=control.get("control_image_sha256"),
                        control_preprocess=control.get("preprocess"), control_strength=control["strength"],
                        canny_low=options.get("low"), canny_high=options.get("high"),
@@ -224,6 +226,11 @@ def plan(request: Mapping[str, Any], *, label: Callable[[str], str] = cli_label)
         raise FastSD35Error(f"unknown option{'s' if len(unknown) > 1 else ''}: {', '.join(map(label, unknown))}")
     r = {key: request.get(key) for key in REQUEST_KEYS}
     check_values({k: v for k, v in r.items() if k != "prompt"}, label=label)
+    for key in PATH_KEYS:
+        if r[key] is not None:
+            path = check_path(r[key], label(key))
+            if not (key == "model" and isinstance(r[key], str)):  # the model's text stays as given: a Hub name?
+                r[key] = path
     preset = get_preset(r["preset"]) if r["preset"] is not None else None
     model = ModelSource.parse(r["model"], preset is not None and preset.built_in)
     t5 = not r["no_t5"]

@@ -218,5 +218,5 @@ def read_record(path: Path) -> dict:
         raise FastSD35Error(f"{path} has no fastsd35 metadata (was it written by fastsd35 run?)")
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise FastSD35Error(f"{path}: its fastsd35 metadata is not valid JSON") from None

@@ -131,8 +131,8 @@ def check_path(value, label: str) -> Path:
     """A path argument: a str or os.PathLike, not empty; FastSD35Error for anything else (None, numbers, bytes)."""
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
-    if not isinstance(value, str) or not value:
-        raise FastSD35Error(f"{label} must be a path (a str or Path), got {shown(value)}")
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise FastSD35Error(f"{label} must be a path (a str or Path, not empty, without NUL bytes), got {shown(value)}")
     return Path(value)
 
 

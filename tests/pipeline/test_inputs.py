@@ -178,7 +178,10 @@ GOOD = {"prompt": "a", "preset": "tiny_random", "steps": 2, "width": 64, "height
         ({**GOOD, "slg": [1]}, "the record.slg must be an object"),
         ({**GOOD, "controlnet": {"controlnet": 3}}, "the record.controlnet has no control_image"),
         ({**GOOD, "init_image_sha256": "abc"}, "must be a SHA-256 hex digest"),
-        ({**GOOD, "model": "x" * 5000}, "xxxxxxxxxx: no such file or folder"),
+        ({**GOOD, "model": "x" * 5000}, "characters cut) ...xxxxxxxxxx"),
+        ("[" * 100_000 + "]" * 100_000, "its fastsd35 metadata is not valid JSON"),
+        ({**GOOD, "model": "a\u0000b"}, "must be a path (a str or Path, not empty, without NUL bytes)"),
+        ({**GOOD, "init_image": ""}, "--init-image must be a path"),
         ({**GOOD, "model": "org/name@" + "r" * 6000}, "org/name"),
     ],
 )
@@ -337,3 +340,11 @@ def test_check_rejects_bool_for_numbers_and_numbers_for_strings():
         with pytest.raises(FastSD35Error):
             inputs.check(name, value)
 
+
+
+@pytest.mark.parametrize("option", ["--init-image", "--prompts-file", "--out", "--model", "--lora", "--controlnet",
+                                    "--from-png"])
+@pytest.mark.parametrize("value", ["a\x00b", ""])
+def test_paths_that_no_file_system_holds(tmp_path, capsys, option, value):
+    """A NUL byte (or an empty path) in any path option is one line before anything is generated or written."""
+    fails(capsys, "", *tiny_run(tmp_path, "--prompt", "a", option, value), out=tmp_path)

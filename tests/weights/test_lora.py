@@ -331,14 +331,14 @@ def test_a_failure_while_fusing_restores_every_weight(tmp_path, tiny, monkeypatc
 
 @pytest.mark.parametrize("call, message", [
     (lambda: Pipeline.from_pretrained("models", 123), "preset must be a preset name"),
-    (lambda: Pipeline.from_pretrained("models", "tiny", controlnet=123), "controlnet must be a path (a str or Path), got 123"),
+    (lambda: Pipeline.from_pretrained("models", "tiny", controlnet=123), "controlnet must be a path (a str or Path, not empty, without NUL bytes), got 123"),
     (lambda: Pipeline.from_pretrained("models", "tiny", loras=None), "loras must be a list of (path, scale) pairs, got None"),
     (lambda: Pipeline.from_pretrained("models", "tiny", loras=["file"]), "loras[0] must be a (path, scale) pair, got 'file'"),
     (lambda: Pipeline.from_pretrained("models", "tiny", fast="yes"), "fast must be True or False"),
     (lambda: Pipeline.from_pretrained("models", "tiny", graphs=1), "graphs must be True, False or None, got 1"),
     (lambda: Pipeline.from_pretrained("models", "tiny", device=True), "unknown device True"),
     (lambda: Pipeline.from_pretrained("models", "tiny", dtype="fp64"), "dtype must be one of fp16, bf16, fp32, fp8"),
-    (lambda: Pipeline.from_preset("tiny", loras=[(None, 1)]), "loras[0]'s path must be a path (a str or Path), got None"),
+    (lambda: Pipeline.from_preset("tiny", loras=[(None, 1)]), "loras[0]'s path must be a path (a str or Path, not empty, without NUL bytes), got None"),
     (lambda: Pipeline.from_preset("tiny", loras=[("x.safetensors", "1")]), "the scale must be a finite number, got '1'"),
     (lambda: Pipeline.from_preset("tiny_random", seed="x"), "seed must be an integer in [0, 9223372036854775807], got 'x'"),
     (lambda: Pipeline.from_preset("tiny", seed=-1), "seed must be an integer"),
