@@ -19,7 +19,7 @@ from ..benchmarks import suite as benchmark
 from ..errors import FastSD35Error
 from ..kernels import report as kernel_report
 from ..models.controlnet import CONTROL_TYPES
-from ..pipeline import memory
+from ..pipeline import caching, memory
 from ..pipeline.distributed import launched
 from ..pipeline.inputs import DTYPES, check
 from ..pipeline.presets import PRESETS
@@ -73,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--canny-low", type=float, help="canny: low hysteresis threshold (default 100)")
     cn.add_argument("--canny-high", type=float, help="canny: high hysteresis threshold (default 200)")
     cn.add_argument("--blur-radius", type=float, help="blur: Gaussian radius in pixels (default 5)")
+    cache = run.add_argument_group("step caching (off by default; README \"Step caching\")")
+    cache.add_argument("--cache", choices=("off", "on"),
+                       help="reuse the later blocks' work between steps whose first blocks barely change")
+    cache.add_argument("--cache-threshold", type=float, help=f"relative change below which a step reuses "
+                                                            f"(default {caching.DEFAULT_THRESHOLD:g}; 0 computes every step)")
+    cache.add_argument("--cache-warmup", type=int, help=f"first steps always computed (default {caching.DEFAULT_WARMUP})")
+    cache.add_argument("--cache-max-skip", type=int,
+                       help=f"most steps reused in a row (default {caching.DEFAULT_MAX_SKIP})")
+    cache.add_argument("--cache-blocks", type=int,
+                       help=f"blocks always computed, whose change decides (default {caching.DEFAULT_BLOCKS})")
+    cache.add_argument("--cache-extrapolate", action=argparse.BooleanOptionalAction,
+                       help="extrapolate the reused residual to first order from the last two computed steps")
     hw = run.add_argument_group("hardware and text encoding")
     hw.add_argument("--dtype", choices=DTYPES, help="transformer/VAE precision (default bf16 on CUDA, fp32 on CPU); "
                     "fp8: the transformer's block Linears in FP8 (FP8 GEMMs on sm_89+), the rest at the default")
@@ -187,16 +199,18 @@ def run_command(args) -> int:
     check_output(job.out, job.image_names(), job.overwrite, job.output_bytes())
     pipe = jobs.load(job)
     jobs.check_prompts_fit(job, pipe)
-    timings, written = dict(pipe.timings), []
+    timings, written, caches = dict(pipe.timings), [], []
     control = jobs.control_latent(job, pipe)
     for prompt in job.prompts:
         gen = pipe.generate(prompt, **jobs.generate_kwargs(job, control))
+        caches.append(gen.cache)
         for stage, seconds in gen.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
         for name, data in jobs.png_files(job, gen, pipe):
             written.append(write_png(job.out, name, data, job.overwrite))
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
-    print(f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.1f} s ({stages})")
+    print(f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.1f} s ({stages}"
+          f"{jobs.describe_cache(caches)})")
     return 0
 
 

@@ -32,10 +32,11 @@ from ..models.controlnet import CONTROL_TYPES
 from ..models.fp8 import is_quantized
 from ..models.mmditx import CONFIGS
 from ..pipeline import hub, memory
+from ..pipeline.caching import CacheConfig
 from ..pipeline.inputs import (DTYPES, MAX_IMAGE_FILE_BYTES, MAX_PROMPTS_FILE_BYTES, shown, check_device, check_loras,
                                check_path, check_prompts, check_values, image_from_bytes)
 from ..pipeline.presets import PRESETS, Preset, Settings, get_preset
-from ..pipeline.sampling import CFGDenoiser, SLGConfig
+from ..pipeline.sampling import CFGDenoiser, SLGConfig, sampler_steps
 from ..tiny.family import TINY_MMDITX_CONFIG, TRAINED_MMDITX_CONFIG
 from ..version import __version__
 from ..weights.checkpoints import find_model_files, transformer_config
@@ -57,8 +58,10 @@ REQUEST_KEYS = (
     "controlnet", "control_image", "control_image_sha256", "control_preprocess", "control_strength", "control_type",
     "canny_low", "canny_high", "blur_radius",
     "dtype", "device", "text_encoder_device", "graphs", "t5_tokens", "no_t5", "cfg_parallel",
+    "cache", "cache_threshold", "cache_warmup", "cache_max_skip", "cache_blocks", "cache_extrapolate", "cache_schedule",
     "out", "overwrite",
 )  # fmt: skip
+CACHE_OPTIONS = ("cache_threshold", "cache_warmup", "cache_max_skip", "cache_blocks", "cache_extrapolate")
 PATH_KEYS = ("model", "prompts_file", "init_image", "controlnet", "control_image", "out")
 CONTROL_OPTIONS = ("control_image", "control_preprocess", "control_strength", "control_type", "canny_low", "canny_high",
                    "blur_radius")  # fmt: skip
@@ -135,6 +138,7 @@ class Job:
     text_encoder_device: str
     graphs: bool | None  # None: on CUDA
     cfg_parallel: bool  # cond and uncond as two passes (on two ranks under torchrun)
+    cache: CacheConfig | None  # step caching (None: off)
     hub: hub.HubPlan | None  # a Hub name's files (downloaded by `load`)
     memory: memory.Request | None  # what the GPU memory preflight checks (released models)
     out: Path | None = None  # where the PNGs go (None: the front end keeps them)
@@ -168,7 +172,10 @@ def request_from_args(args) -> dict:
         from .outputs import read_record
 
         png = check_path(args.from_png, "--from-png")
-        request = merge(request, request_from_record(read_record(png), png))
+        recorded = request_from_record(read_record(png), png)
+        if any(request.get(k) is not None for k in ("cache", *CACHE_OPTIONS, "steps", "denoise", "init_image")):
+            recorded["cache_schedule"] = None  # settings that change the steps or the cache: decided anew
+        request = merge(request, recorded)
     return request
 
 
@@ -186,6 +193,11 @@ def request_from_record(record: dict, source) -> dict:
     request["slg"] = SLGConfig(**{**slg, "layers": tuple(slg["layers"])}) if slg else False
     request["lora"] = [(Path(lora["file"]), lora["scale"], lora.get("sha256")) for lora in record.get("loras") or []] or None
     request["cfg_parallel"] = record.get("cfg_parallel", False)
+    cache = record.get("cache")
+    if cache:
+        request.update(cache="on", cache_threshold=cache["threshold"], cache_warmup=cache["warmup"],
+                       cache_max_skip=cache["max_skip"], cache_blocks=cache["blocks"],
+                       cache_extrapolate=cache["extrapolate"], cache_schedule=cache["schedule"])  # fmt: skip
     control = record.get("controlnet")
     if control:
         options = control.get("options") or {}
@@ -273,6 +285,7 @@ def plan(request: Mapping[str, Any], *, label: Callable[[str], str] = cli_label)
     if cfg_parallel and settings.cfg <= 1:
         raise FastSD35Error(f"{label('cfg_parallel')} splits the cond and uncond passes, but cfg {settings.cfg:g} <= 1 "
                             f"runs the cond pass only: drop {label('cfg_parallel')} (or raise {label('cfg')})")
+    cache = _cache(r, label, preset, settings)
     if model.hub is not None and hub_plan is None:  # the files the named preset needs (the network comes last)
         hub_plan = hub.plan(*model.hub, preset, t5=t5, dtype=r["dtype"])
     need = None
@@ -284,9 +297,22 @@ def plan(request: Mapping[str, Any], *, label: Callable[[str], str] = cli_label)
         preset=preset, model=model, prompts=prompts, negative_prompt=r["negative_prompt"] or "",
         seed=DEFAULT_SEED if r["seed"] is None else r["seed"], batch_size=batch_size, settings=settings, init=init,
         control=control, loras=loras, device=device, dtype=r["dtype"], t5=t5, t5_tokens=t5_tokens,
-        text_encoder_device=text_encoder_device, graphs=r["graphs"], cfg_parallel=cfg_parallel, hub=hub_plan,
+        text_encoder_device=text_encoder_device, graphs=r["graphs"], cfg_parallel=cfg_parallel, cache=cache,
+        hub=hub_plan,
         memory=need, out=None if r["out"] is None else Path(r["out"]), overwrite=bool(r["overwrite"]),
     )
+
+
+def _cache(r: dict, label, preset: Preset, settings: Settings) -> CacheConfig | None:
+    """The step cache's settings: None when off (then no cache option may be given)."""
+    if r["cache"] != "on":
+        given = [label(k) for k in CACHE_OPTIONS if r[k] is not None]
+        if given:
+            raise FastSD35Error(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} {label('cache')} on")
+        return None
+    given = {k.removeprefix("cache_"): r[k] for k in CACHE_OPTIONS if r[k] is not None}
+    config = CacheConfig(**given, schedule=r["cache_schedule"])
+    return config.checked(_depth(preset, r["model"]), sampler_steps(settings), label)
 
 
 def _items(value, what: str) -> list:
@@ -382,6 +408,14 @@ def _device(requested, label: str) -> torch.device:
     return check_device(requested, label)
 
 
+def _depth(preset: Preset, model) -> int | None:
+    """The transformer's depth when the preset tells it (a released model, or a built-in one), else None."""
+    if preset.variant in CONFIGS:
+        return CONFIGS[preset.variant].depth
+    built_in = {"tiny": TRAINED_MMDITX_CONFIG, "tiny_random": TINY_MMDITX_CONFIG}
+    return built_in[preset.name].depth if model is None and preset.name in built_in else None
+
+
 def _max_pixels(preset: Preset) -> int:
     built_in = {"tiny": TRAINED_MMDITX_CONFIG, "tiny_random": TINY_MMDITX_CONFIG}
     config = built_in.get(preset.name) or CONFIGS[preset.variant]
@@ -446,7 +480,7 @@ def generate_kwargs(job: Job, control, denoiser_cls=None) -> dict:
     if denoiser_cls is None:
         denoiser_cls = partial(CFGDenoiser, split=True) if job.cfg_parallel else CFGDenoiser
     return dict(
-        negative_prompt=job.negative_prompt, seed=job.seed, batch_size=job.batch_size,
+        cache=job.cache, negative_prompt=job.negative_prompt, seed=job.seed, batch_size=job.batch_size,
         init_image=job.init.image if job.init else None, denoise=s.denoise if job.init else None, steps=s.steps,
         cfg=s.cfg, shift=s.shift, sampler=s.sampler, width=s.width, height=s.height, slg=s.slg or False,
         control_image=control, control_strength=job.control.strength if job.control else 1.0,
@@ -456,11 +490,21 @@ def generate_kwargs(job: Job, control, denoiser_cls=None) -> dict:
 
 def png_files(job: Job, gen, pipe) -> list[tuple[str, bytes]]:
     """A generation's images as (file name, PNG bytes with the record), in order."""
-    return [(image_name(job.preset.name, prompt, seed), png_bytes(image, record(job, prompt, seed, pipe)))
+    return [(image_name(job.preset.name, prompt, seed), png_bytes(image, record(job, prompt, seed, pipe, gen.cache)))
             for image, prompt, seed in zip(gen.images, gen.prompts, gen.seeds)]
 
 
-def record(job: Job, prompt: str, seed: int, pipe) -> dict:
+def describe_cache(caches: list[dict | None]) -> str:
+    """The run's last line's account of the step cache ("" without it): passes computed of all."""
+    caches = [c for c in caches if c]
+    if not caches:
+        return ""
+    computed, passes = sum(c["computed"] for c in caches), sum(c["passes"] for c in caches)
+    deciding = sum(c["decide_s"] for c in caches)
+    return f"; step cache: {computed} of {passes} transformer passes computed, deciding {deciding:.2f} s"
+
+
+def record(job: Job, prompt: str, seed: int, pipe, cache: dict | None = None) -> dict:
     """Every setting needed to reproduce one image (`fastsd35 run --from-png`)."""
     from .. import kernels
 
@@ -494,6 +538,7 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
         "loras": [{"file": _stored_path(f.path), "scale": f.scale, "sha256": f.sha256} for f in pipe.loras],
         "backend": kernels.backend(pipe.device),
         "cfg_parallel": job.cfg_parallel,
+        "cache": None if cache is None else {k: v for k, v in cache.items() if k != "decide_s"},
     }
 
 
@@ -514,7 +559,7 @@ def fingerprint(job: Job) -> str:
     """A digest of everything that decides the images of a job (not the device): equal wherever the same request is
     planned from the same inputs (every torchrun rank compares it)."""
     digest = hashlib.sha256(repr((job.preset, job.model, job.prompts, job.negative_prompt, job.seed, job.batch_size,
-                                  job.settings, job.dtype, job.t5, job.t5_tokens, job.cfg_parallel, job.loras,
+                                  job.settings, job.dtype, job.t5, job.t5_tokens, job.cfg_parallel, job.loras, job.cache,
                                   job.control and (job.control.strength, job.control.preprocess))).encode())
     for image in (job.init, job.control and job.control.image):
         if image is not None:

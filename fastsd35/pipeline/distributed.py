@@ -211,19 +211,24 @@ class PairDenoiser(CFGDenoiser):
             raise FastSD35Error(f"CFG-parallel needs cfg > 1 (there is no uncond pass at cfg {self.cfg})")
         self.group, self.role = group, role
 
-    def passes(self, x, sigma, skip: bool):
-        if self.role == 0:
-            mine = [self.denoise(x, sigma, self.context, self.y, control=self.control)]
-            if skip:
-                mine.append(torch.zeros_like(mine[0]))  # all_gather takes equal shapes; the odd rank's slot is used
-        else:
-            mine = [self.denoise(x, sigma, *self.uncond, control=self.control)]
-            if skip:
-                mine.append(self.denoise(x, sigma, self.context, self.y, skip_layers=self.slg.layers))
+    def guidance(self):
+        return [(1, self.context, self.y)] if self.role == 0 else [(1, *self.uncond)]
+
+    def passes(self, x, sigma, skip: bool, step: int = 0):
+        mine = self.run_guidance(x, sigma, step, self.guidance(), gather=self._gather_distances)
+        if skip:  # all_gather takes equal shapes: the even rank's slot is a placeholder, the odd rank's is used
+            mine.append(torch.zeros_like(mine[0]) if self.role == 0 else self.skip_pass(x, sigma))
         local = torch.stack(mine)
         both = [torch.empty_like(local) for _ in range(2)]
         _collective("exchanging the guidance passes", dist.all_gather, both, local, group=self.group)
         return both[0][0], both[1][0], both[1][1] if skip else None
+
+
+    def _gather_distances(self, partial):
+        """The pair's per-pass partial distances, cond rank's first: what one process running both passes sums."""
+        both = [None, None]
+        _collective("agreeing on the step cache", dist.all_gather_object, both, partial, group=self.group)
+        return both[0] + both[1]
 
 
 def denoiser_cls(ranks: Ranks):

@@ -85,6 +85,12 @@ FIELDS: dict[str, Field] = {
     "control_strength": Field(float),
     "lora_scale": Field(float),
     "dist_timeout": Field(float, 0, 7 * 24 * 3600, low_open=True),  # distributed.MAX_TIMEOUT_S
+    "cache": Field(str, choices=("off", "on")),
+    "cache_threshold": Field(float, 0),
+    "cache_warmup": Field(int, 0, MAX_STEPS),
+    "cache_max_skip": Field(int, 0, MAX_STEPS),
+    "cache_blocks": Field(int, 1, 127),
+    "cache_extrapolate": Field(bool),
     "control_preprocess": Field(str, choices=("canny", "blur", "depth")),
     "canny_low": Field(float, 0),
     "canny_high": Field(float, 0),

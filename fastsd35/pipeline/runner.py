@@ -25,6 +25,7 @@ from ..weights.lora import Fused, fuse_loras
 from ..weights.text_encoders import load_text_encoders
 from ..weights.vae import load_vae
 from . import hub, memory
+from .caching import CacheConfig, StepCache, config_from
 from .control import control_latent
 from .graphs import CUDAGraphPasses
 from .inputs import (
@@ -64,11 +65,16 @@ class Generation:
     seeds: list[int]
     settings: Settings
     timings: dict[str, float] = field(default_factory=dict)
+    cache: dict | None = None  # the step cache's settings, decisions and passes computed (caching.StepCache.summary)
 
 
 class TransformerPass:
     """One transformer evaluation for the denoiser (`sampling.VelocityModel`): v = model(x, t, y, context) on the
-    model's device, t = model_timestep(sigma), with the ControlNet's residuals when `control` is given."""
+    model's device, t = model_timestep(sigma), with the ControlNet's residuals when `control` is given.
+
+    The step cache (fastsd35.pipeline.caching) runs a pass in stages: `head` (the first `blocks` blocks, and their
+    residual), then `tail` (the other blocks and the final layer, and their residual) or `reuse` (the final layer on
+    the head's output plus a kept tail residual). head + tail is the same computation as one call."""
 
     def __init__(self, transformer: MMDiTX, controlnet: ControlNet | None = None):
         self.transformer, self.controlnet = transformer, controlnet
@@ -77,12 +83,51 @@ class TransformerPass:
         device = self.transformer.device
         x, sigma = x.to(device), sigma.to(device)
         with on_device(device):  # Triton launches on the current device: make it the model's
-            residuals = None
-            if control is not None:
-                latent, strength = control
-                residuals = self.controlnet(self.transformer, x, sigma, y, latent, strength)
+            residuals = self._control(x, sigma, y, control)
             return self.transformer(x, model_timestep(sigma), y, context, controlnet_hidden_states=residuals,
                                     skip_layers=skip_layers)
+
+    def _control(self, x, sigma, y, control):
+        if control is None:
+            return None
+        latent, strength = control
+        return self.controlnet(self.transformer, x, sigma, y, latent, strength)
+
+    def head(self, x, sigma, y, context, *, blocks: int, control=None) -> dict[str, torch.Tensor]:
+        """The first `blocks` blocks: {"x", "context", "mods", "residual" (x out - x in, fp32), "hs0", "hs1", ... (the
+        ControlNet's residuals, when it runs)}, every value a tensor on the model's device."""
+        device = self.transformer.device
+        x, sigma = x.to(device), sigma.to(device)
+        with on_device(device):
+            hs = self._control(x, sigma, y, control)
+            state = self.transformer.embed(x, model_timestep(sigma), y, context, hs)
+            start = state.x
+            self.transformer.run_blocks(state, 0, blocks, hs)
+            head = {"x": state.x, "context": state.context, "mods": state.mods,
+                    "residual": state.x.float() - start.float()}
+            head.update((f"hs{i}", h) for i, h in enumerate(hs or ()))
+            return head
+
+    def tail(self, head: dict[str, torch.Tensor], *, blocks: int, hw) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks after the head's and the final layer: (v, the residual those blocks added, fp32)."""
+        with on_device(self.transformer.device):
+            state = self._state(head, hw)
+            hs = [head[f"hs{i}"] for i in range(sum(k.startswith("hs") for k in head))] or None
+            self.transformer.run_blocks(state, blocks, self.transformer.depth, hs)
+            return self.transformer.final(state), state.x.float() - head["x"].float()
+
+    def reuse(self, head: dict[str, torch.Tensor], tail_residual: torch.Tensor, *, hw) -> torch.Tensor:
+        """The final layer on the head's output plus a kept tail residual: v."""
+        with on_device(self.transformer.device):
+            state = self._state(head, hw)
+            state.x = (head["x"].float() + tail_residual).to(head["x"].dtype)
+            return self.transformer.final(state)
+
+    @staticmethod
+    def _state(head, hw):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(x=head["x"], context=head["context"], mods=head["mods"], hw=tuple(hw))
 
 
 class Pipeline:
@@ -267,6 +312,7 @@ class Pipeline:
         control_strength: float = 1.0,
         progress: bool = True,
         denoiser_cls=CFGDenoiser,
+        cache: bool | CacheConfig | None = None,
     ) -> Generation:
         """One batch: a prompt repeated `batch_size` times, or a list of prompts (one image each). Image i uses
         seed + i. Unset settings come from the preset (None: the preset's value; `denoise` defaults to 0.8 with an
@@ -274,7 +320,9 @@ class Pipeline:
         With a ControlNet, `control_image` (an image, or a latent from `encode_control`) steers every image with
         `control_strength` (1.0 as the reference). `denoiser_cls` builds the guidance denoiser (CFGDenoiser's
         signature): `functools.partial(CFGDenoiser, split=True)` runs cond and uncond as two passes, and
-        fastsd35.pipeline.distributed passes its CFG-parallel pair here."""
+        fastsd35.pipeline.distributed passes its CFG-parallel pair here. `cache` (True, or a caching.CacheConfig)
+        caches the later blocks' work from step to step (see fastsd35.pipeline.caching; off by default: None or
+        False); the result's `cache` then says which steps were computed and how many passes."""
         check("batch_size", batch_size, "batch_size")
         prompts = check_prompts([prompt] * batch_size if isinstance(prompt, str) else prompt, "prompt")
         negatives = check_prompts([negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt,
@@ -291,6 +339,9 @@ class Pipeline:
         if control_image is not None and not isinstance(control_image, (Image.Image, torch.Tensor)):
             check_image(control_image, "control_image")
         control_strength = check("control_strength", control_strength, "control_strength")
+        cache_config = config_from(cache)
+        if cache_config is not None:
+            cache_config.checked(self.transformer.depth)
         s = self.preset.resolve(
             steps=steps, cfg=cfg, shift=shift, sampler=sampler, width=width, height=height, slg=slg,
             denoise=(0.8 if denoise is None else denoise) if init_image is not None else 1.0, max_pixels=self.max_pixels,
@@ -324,7 +375,10 @@ class Pipeline:
                 control = (control_image.to(device), torch.tensor(float(control_strength), device=device))
             noise = make_noise(seed, B, (16, s.height // 8, s.width // 8))
             x = initial_latent(sigmas[0].to(device), noise.to(device), latent)
-            denoiser = denoiser_cls(self.model_pass, cond, uncond, s.cfg, s.steps, s.slg, control)
+            step_cache = None
+            if cache_config is not None:
+                step_cache = StepCache(cache_config.checked(self.transformer.depth, len(sigmas) - 1), len(sigmas) - 1)
+            denoiser = denoiser_cls(self.model_pass, cond, uncond, s.cfg, s.steps, s.slg, control, cache=step_cache)
             x = sample(s.sampler, denoiser, x, sigmas, progress)
             check_finite(x, "sampling", s, control_strength if control is not None else None)
 
@@ -333,7 +387,7 @@ class Pipeline:
             check_finite(decoded, "decoding", s, None)
             images = tensor_to_images(decoded)
         self.timings.update(timings)
-        return Generation(images, prompts, negatives, seeds, s, timings)
+        return Generation(images, prompts, negatives, seeds, s, timings, step_cache and step_cache.summary())
 
     def _make_room_for_sampling(self):
         """Text encoders on a GPU that is short of memory for sampling move to the CPU (and encode there from now on)."""

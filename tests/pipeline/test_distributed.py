@@ -230,6 +230,36 @@ def test_cfg_parallel_with_skip_layer_guidance_from_python(tmp_path):
             np.testing.assert_array_equal(np.load(tmp_path / f"pair{rank}_{j}.npy"), np.asarray(split.images[0]))
 
 
+def test_a_cfg_parallel_pair_decides_the_step_cache_as_one_process(tmp_path):
+    """Both ranks of a pair sum the same per-pass distances in the same order: their decisions agree with each other
+    and with one process running the two passes, and so do the images (bit for bit)."""
+    from fastsd35.pipeline.caching import CacheConfig
+
+    settings = dict(steps=8, width=64, height=48, seed=3, cache=CacheConfig(threshold=0.6, warmup=1, max_skip=2))
+
+    def pair(rank):
+        from fastsd35.pipeline.runner import Pipeline
+
+        ranks = distributed.init("cpu", cfg_parallel=True, timeout=TIMEOUT_S)
+        pipe = Pipeline.from_preset("tiny_random", device=ranks.device)
+        for j, gen in distributed.generate(pipe, ranks, ["a red cube"], **settings):
+            np.save(tmp_path / f"cache{rank}.npy", np.asarray(gen.images[0]))
+            print(gen.cache["schedule"])
+        distributed.close()
+        return 0
+
+    ranks = launch(pair, tmp_path)
+    assert [r.code for r in ranks] == [0, 0], ranks
+    from fastsd35.pipeline.runner import Pipeline
+
+    one = Pipeline.from_preset("tiny_random", device="cpu").generate(
+        "a red cube", denoiser_cls=partial(CFGDenoiser, split=True), progress=False, **settings)
+    assert ranks[0].out.split() == ranks[1].out.split() == [one.cache["schedule"]]
+    assert "R" in one.cache["schedule"] and "C" in one.cache["schedule"][1:-1], one.cache  # a real mix of decisions
+    for rank in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / f"cache{rank}.npy"), np.asarray(one.images[0]))
+
+
 # -- failures -----------------------------------------------------------------------------------------------------
 
 
