@@ -75,6 +75,7 @@ SCHEDULES = {  # part -> (full, quick)
     "transformer": (Schedule(10, 1), Schedule(3)),
     "e2e": (Schedule(3), Schedule(1)),
     "multigpu": (Schedule(3), Schedule(1)),
+    "serve": (Schedule(3), Schedule(1)),
 }
 
 
