@@ -217,9 +217,10 @@ class Worker(threading.Thread):
             for s, images in _split(gen, live):
                 for i, png in zip(range(s.start, s.stop), jobs.png_files(s.work.request.job, images, self.pipe)):
                     s.work.pngs[i] = png
+            self.batcher.metrics.ran(sum(s.stop - s.start for s in live), time.perf_counter() - started)
+            for s in live:  # counted first: an answered request finds its images in /metrics
                 if all(p is not None for p in s.work.pngs):
                     s.work.settle(s.work.pngs)
-            self.batcher.metrics.ran(sum(s.stop - s.start for s in live), time.perf_counter() - started)
         except Cancelled:
             pass
         except (FastSD35Error, torch.cuda.OutOfMemoryError) as e:
