@@ -416,3 +416,27 @@ def test_stop_drains_running_and_refuses_queued(pipe):
         gated.gate.set()
         assert running.result()[0] == 200
         service.join()
+
+
+def test_two_workers_share_one_queue(pipe):
+    """One worker per device (here two on the CPU, sharing the pipeline): both take passes from the one queue at the
+    same time, and each image is still its solo image."""
+    from fastsd35.app.serve import Limits, Service, base_job
+    from fastsd35.app.serve.command import background
+    from fastsd35.app.serve.http import create_app
+
+    a, b = Gated(pipe), Gated(pipe)
+    service = Service(base_job(pipe), "tiny", Limits())
+    service.start([a, b])
+    with background(create_app(service)) as url, ThreadPoolExecutor(3) as pool:
+        answers = [pool.submit(post, url, {"prompt": PROMPTS[0], "seed": s, **FAST}) for s in (1, 2, 3)]
+        assert a.entered.wait(60) and b.entered.wait(60)  # both workers are inside a pass at once
+        wait_for(lambda: metric(url, "fastsd35_queue_images") == 1, "the third request waiting")
+        a.gate.set()
+        b.gate.set()
+        data = [json.loads(f.result()[2])["data"][0] for f in answers]
+    service.stop()
+    service.join()
+    assert sorted(a.passes + b.passes) == [[1], [2], [3]] and a.passes and b.passes
+    for d in data:
+        np.testing.assert_array_equal(pixels(decode(d["b64_json"])), solo(pipe, PROMPTS[0], d["seed"]))
