@@ -254,7 +254,10 @@ BAD_BODIES = [
     ({"prompt": "a", "preset": "large"}, "preset cannot be set in a request: it is fixed when the server starts"),
     ({"prompt": "a", "batch_size": 2}, "batch_size cannot be set in a request: use n"),
     ({"prompt": "a", "width": 64}, "width cannot be set in a request: use size"),
-    ({"prompt": "a " * 400}, "T5 tokens"),  # within the character limit, beyond --t5-tokens: refused before queueing
+    ({"prompt": "a " * 400}, "T5 tokens"),
+    ({"prompt": "a", "n": "x" * 100_000}, "n must be an integer in [1, 64], got 'xxxxx"),  # cut to 1000 characters
+    ({"prompt": "a", "model": "m" * 100_000}, "model 'mmmm"),
+    ({"prompt": "a", **{f"field{i}": 1 for i in range(50)}}, "unknown fields 'field0', 'field1', 'field10', 'field11', 'field12' and 45 more"),  # within the character limit, beyond --t5-tokens: refused before queueing
 ]
 
 
@@ -266,6 +269,7 @@ def test_every_bad_input_is_a_400_with_one_line(pipe):
             error = json.loads(data)["error"]
             assert status == 400 and headers["content-type"] == "application/json", (body, data)
             assert message in error["message"] and "\n" not in error["message"], (message, error)
+            assert len(error["message"]) <= 1000
             assert error["type"] == "invalid_request_error"
         assert metric(url, 'fastsd35_errors_total{kind="bad_request"}') == len(BAD_BODIES)
     assert not gated.entered.is_set()
@@ -440,3 +444,21 @@ def test_two_workers_share_one_queue(pipe):
     assert sorted(a.passes + b.passes) == [[1], [2], [3]] and a.passes and b.passes
     for d in data:
         np.testing.assert_array_equal(pixels(decode(d["b64_json"])), solo(pipe, PROMPTS[0], d["seed"]))
+
+
+def test_bench_serve_part(pipe):
+    """`fastsd35 bench --only serve`: registered by the CLI, its cases as README "Serve" says, and one wave over HTTP."""
+    from fastsd35.app import cli  # noqa: F401  (the CLI imports the part)
+    from fastsd35.app.serve import bench
+    from fastsd35.benchmarks.cases import BUILDERS
+
+    cases = BUILDERS["serve"]("cpu", ("large",), None, None)
+    assert [(c.shape["concurrency"], c.images, c.part, c.id) for c in cases] == [
+        (1, 4, "serve", "tiny-requests-c1"), (4, 8, "serve", "tiny-requests-c4"), (16, 32, "serve", "tiny-requests-c16")]
+    assert [c.name for c in cases[0].contenders] == ["batching off", "batching on (max 8)"]
+    with bench._contender(2, 4, 8, pipe) as prepared:
+        images = prepared.fn()
+    assert images.shape == (4, 64, 64, 3) and images.dtype == torch.uint8
+    assert set(prepared.stages[0]) == {"p50", "p95"} and 0 < prepared.stages[0]["p50"] <= prepared.stages[0]["p95"]
+    # batched (up to 8): the seed's image up to a batch's rounding
+    assert np.abs(images[2].numpy().astype(np.int16) - solo(pipe, bench.PROMPT, 2, steps=4, size=64)).max() <= 1

@@ -199,3 +199,11 @@ def test_a_port_in_use_is_one_line(capsys, monkeypatch):
     assert "\n" not in str(caught.value)
 
 
+
+
+def test_percentiles_are_nearest_rank():
+    from fastsd35.app.serve.bench import _percentile
+
+    values = [5, 1, 4, 2, 3]
+    assert [_percentile(values, q) for q in (1, 20, 21, 50, 95, 100)] == [1, 1, 2, 3, 5, 5]
+    assert _percentile([7.0], 95) == 7.0

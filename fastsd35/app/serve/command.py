@@ -13,7 +13,7 @@ import threading
 
 from ...errors import FastSD35Error
 from ...pipeline import memory
-from ...pipeline.inputs import DTYPES, MAX_BATCH
+from ...pipeline.inputs import DTYPES, MAX_BATCH, check_device
 from ...pipeline.presets import PRESETS
 from .. import jobs
 from . import check_api_key, missing_packages
@@ -74,7 +74,7 @@ def plan(args) -> tuple[jobs.Job, list, Limits, str | None]:
                args.text_encoder_device, "graphs": False if args.no_graphs else None, "t5_tokens": args.t5_tokens,
                "no_t5": True if args.no_t5 else None, "prompt": ["-"], "batch_size": limits.max_batch}  # fmt: skip
     job = jobs.plan(request)
-    checked = [job.device] + [jobs.plan({**request, "device": d}).device for d in devices[1:]]
+    checked = [job.device] + [check_device(d, "--device") for d in devices[1:]]
     if len(set(checked)) != len(checked):
         raise FastSD35Error(f"--device names {', '.join(map(str, checked))}: each device once")
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE)

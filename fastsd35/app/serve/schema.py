@@ -36,6 +36,7 @@ FIXED.update({"lora": "LoRAs are fused when the server starts (fastsd35 serve --
               "prompt": None, "model": None})  # fmt: skip
 JSON_NAMES = {"batch_size": "n", "width": "size", "height": "size"}
 MAX_USER_CHARS = 256
+MAX_MESSAGE_CHARS = 1000  # a message quoting a huge value is cut: the answer stays small
 SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 
 
@@ -59,7 +60,9 @@ class ApiError(Exception):
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 30] + f"... ({len(message)} characters)"
+    return ApiError(400, message, param=param if param is None or len(param) <= 64 else None, code=code)
 
 
 # -- the body -----------------------------------------------------------------------------------------------------
@@ -126,6 +129,11 @@ def _text(value, name: str) -> str:
     return value
 
 
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _type(value) -> str:
     return "null" if value is None else {bool: "boolean", int: "integer", float: "number", str: "string",
                                          list: "array", dict: "object"}.get(type(value), type(value).__name__)
@@ -141,8 +149,9 @@ def job_request(body: dict, served_model: str) -> dict:
         raise bad_request(f"{fixed[0]} cannot be set in a request: {FIXED[fixed[0]]}", fixed[0])
     if unknown:
         allowed = ", ".join((*OPENAI_FIELDS, *PER_REQUEST))
-        raise bad_request(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
-                          f"a request may set {allowed}", unknown[0])
+        named = ", ".join(repr(k[:64]) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise bad_request(f"unknown field{'s' if len(unknown) > 1 else ''} {named}: a request may set {allowed}",
+                          unknown[0])
     if "prompt" not in body:
         raise bad_request("prompt is required", "prompt")
     request: dict[str, Any] = {"prompt": [_text(body["prompt"], "prompt")]}
@@ -158,15 +167,15 @@ def job_request(body: dict, served_model: str) -> dict:
     if size is not None and size != "auto":
         match = SIZE.fullmatch(_text(size, "size"))
         if not match:
-            raise bad_request(f"size must be \"WIDTHxHEIGHT\" (e.g. \"1024x1024\") or \"auto\", got {size!r}", "size")
+            raise bad_request(f"size must be \"WIDTHxHEIGHT\" (e.g. \"1024x1024\") or \"auto\", got {_short(size)}", "size")
         request["width"], request["height"] = int(match[1]), int(match[2])
     response_format = body.get("response_format")
     if response_format is not None and response_format != "b64_json":
         raise bad_request(f"response_format must be \"b64_json\" (this server keeps no files to link to), got "
-                          f"{response_format!r}", "response_format")
+                          f"{_short(response_format)}", "response_format")
     model = body.get("model")
     if model is not None and model != served_model:
-        raise bad_request(f"model {model!r} is not served here: this server serves {served_model!r}", "model",
+        raise bad_request(f"model {_short(model)} is not served here: this server serves {served_model!r}", "model",
                           "model_not_found")
     user = body.get("user")
     if user is not None and len(_text(user, "user")) > MAX_USER_CHARS:

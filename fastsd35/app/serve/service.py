@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 from ...errors import FastSD35Error
@@ -106,9 +107,11 @@ class Service:
         pipe = self.pipes[0]
         try:
             jobs.check_prompts_fit(request.job, pipe)
-            tokens = pipe.text_encoders.tokenize([request.prompt, request.job.negative_prompt])
         except FastSD35Error as e:
             raise bad_request(str(e)) from None
+        with warnings.catch_warnings():  # CLIP's truncation warning comes once, when the pass encodes the prompt
+            warnings.simplefilter("ignore")
+            tokens = pipe.text_encoders.tokenize([request.prompt, request.job.negative_prompt])
         t5_length = 0 if tokens.t5 is None else tokens.t5.shape[1]
         work = Work(request, (request.job.settings, t5_length))
         self.batcher.submit(work)
