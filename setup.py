@@ -32,7 +32,7 @@ setup(
     extras_require={
         "serve": ["starlette>=0.37", "uvicorn>=0.30"],  # fastsd35 serve
         "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "diffusers>=0.31", "peft>=0.13",
-                 "starlette>=0.37", "uvicorn>=0.30", "openai>=1.0", "httpx>=0.27"],
+                 "starlette>=0.37", "uvicorn>=0.30", "openai>=1.0"],
         "dev": ["pytest-cov>=5.0"],  # tools/mutation.py
     },
 )
