@@ -123,12 +123,16 @@ def test_openai_client_generates_records_and_seeds(pipe, tmp_path, capsys):
 
 
 def test_a_request_without_seed_gets_a_random_one_it_is_told(pipe):
-    with serving(pipe) as url:
+    """... and the records name the model as the server was told it (here the tiny model's folder)."""
+    from fastsd35.app.outputs import METADATA_KEY
+    from fastsd35.tiny.family import trained_model_dir
+
+    folder = str(trained_model_dir())
+    with serving(pipe, model=folder) as url:
         a, b = (client(url).images.generate(prompt="a square", extra_body=FAST).data[0] for _ in range(2))
     assert a.model_extra["seed"] != b.model_extra["seed"]  # 2^31 seeds: equal by chance once in two billion runs
-    from fastsd35.app.outputs import METADATA_KEY
-
-    assert json.loads(decode(a.b64_json).info[METADATA_KEY])["seed"] == a.model_extra["seed"]
+    record = json.loads(decode(a.b64_json).info[METADATA_KEY])
+    assert record["seed"] == a.model_extra["seed"] and record["model"] == folder
 
 
 def load(pipe, bodies, max_batch):
@@ -173,6 +177,15 @@ def test_concurrent_requests_unbatched_equal_solo_bit_for_bit(pipe):
     for i, d in enumerate(data):
         for j, image in enumerate(d):
             np.testing.assert_array_equal(pixels(decode(image["b64_json"])), solo(pipe, PROMPTS[i % 2], 7 * i + j))
+
+
+@pytest.mark.filterwarnings("ignore:CLIP reads 75 tokens")
+def test_prompts_of_another_t5_length_never_share_a_pass(pipe):
+    """A prompt padded to another T5 length would be conditioned differently: such requests queue apart."""
+    long = " ".join(["red"] * 90)  # 91 T5 tokens with the end token: padded to 91, not 77
+    bodies = [{"prompt": p, "seed": s, **FAST} for p, s in (("a", 1), ("b", 2), (long, 3), ("c", 4), (long, 5))]
+    data, images, passes = load(pipe, bodies, 4)
+    assert images == 5 and sorted(map(sorted, passes)) == [[1], [2, 4], [3, 5]]
 
 
 def test_an_out_of_memory_request_fails_alone(pipe):
@@ -291,13 +304,15 @@ def test_the_openai_client_gets_its_own_errors(pipe):
 def test_body_size_limit(pipe):
     with serving(pipe, max_body_bytes=4096) as url:
         big = json.dumps({"prompt": "a" * 5000}).encode()
-        assert error_of(post(url, big))[0] == 413  # announced by Content-Length: refused before it is read
+        assert error_of(post(url, big))[0] == 413
+        announced = b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n{"
+        assert error_of(raw(url, announced, timeout=30))[0] == 413  # from Content-Length, without waiting for the body
         head = b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
         chunks = b"".join(b"%x\r\n%s\r\n" % (1000, b"a" * 1000) for _ in range(5)) + b"0\r\n\r\n"
         status, message = error_of(raw(url, head + chunks))  # streamed without a length: refused once past it
         assert status == 413 and message == "the request body is larger than this server's limit of 4096 bytes"
         assert post(url, {"prompt": "a" + " " * 3000 + "b", **FAST})[0] == 200  # 3 KB, two words
-        assert metric(url, 'fastsd35_errors_total{kind="body_too_large"}') == 2
+        assert metric(url, 'fastsd35_errors_total{kind="body_too_large"}') == 3
 
 
 def test_endpoints_methods_health_and_metrics(pipe):
@@ -448,7 +463,7 @@ def test_two_workers_share_one_queue(pipe):
 
 def test_bench_serve_part(pipe):
     """`fastsd35 bench --only serve`: registered by the CLI, its cases as README "Serve" says, and one wave over HTTP."""
-    from fastsd35.app import cli  # noqa: F401  (the CLI imports the part)
+    import fastsd35.app.cli  # noqa: F401  (the CLI registers the part)
     from fastsd35.app.serve import bench
     from fastsd35.benchmarks.cases import BUILDERS
 

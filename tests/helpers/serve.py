@@ -6,10 +6,10 @@ import socket
 import time
 
 
-def raw(url, request: bytes) -> tuple[int, dict, bytes]:
+def raw(url, request: bytes, timeout: float = 60) -> tuple[int, dict, bytes]:
     """Send raw bytes over a socket; (status, headers, body) of the answer."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=60) as sock:
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         try:
             sock.sendall(request)
         except (BrokenPipeError, ConnectionResetError):

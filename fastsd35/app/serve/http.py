@@ -153,7 +153,7 @@ class BearerKey:
         if scope["type"] == "http" and scope["path"] != "/health":
             given = [v for k, v in scope["headers"] if k == b"authorization"]
             digest = hashlib.sha256(given[0] if len(given) == 1 else b"").digest()
-            if not hmac.compare_digest(digest, self.expected) or len(given) != 1:
+            if not hmac.compare_digest(digest, self.expected):  # two headers hash b"": refused too
                 error = ApiError(401, "a valid API key is needed: send the header Authorization: Bearer KEY",
                                  code="invalid_api_key", metric="unauthorized",
                                  headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
