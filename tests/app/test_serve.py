@@ -477,3 +477,17 @@ def test_bench_serve_part(pipe):
     assert set(prepared.stages[0]) == {"p50", "p95"} and 0 < prepared.stages[0]["p50"] <= prepared.stages[0]["p95"]
     # batched (up to 8): the seed's image up to a batch's rounding
     assert np.abs(images[2].numpy().astype(np.int16) - solo(pipe, bench.PROMPT, 2, steps=4, size=64)).max() <= 1
+
+
+def test_generate_takes_one_seed_per_image(pipe):
+    """Pipeline.generate(seeds=...): what a pass of several requests uses; each seed is checked like --seed."""
+    from fastsd35.errors import FastSD35Error
+
+    kw = dict(steps=1, width=32, height=32, progress=False)
+    for bad, message in (([1], "seeds must be a list of one seed per image (2)"), ([1, 2, 3], "one seed per image"),
+                         (5, "one seed per image"), ([1, -1], "seed must be an integer"), ([1, "2"], "seed must be")):
+        with pytest.raises(FastSD35Error, match=message.replace("(", r"\(").replace(")", r"\)")):
+            pipe.generate(["a", "b"], ["", ""], seeds=bad, **kw)
+    two = pipe.generate(["a", "b"], ["", ""], seeds=[9, 5], **kw)
+    assert two.seeds == [9, 5]
+    assert np.abs(pixels(two.images[1]) - solo(pipe, "b", 5)).max() <= 1  # seed 5's noise, in a batch of 2
