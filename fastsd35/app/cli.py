@@ -1,6 +1,6 @@
-"""The command line: `fastsd35 run` turns prompts into PNGs; `fastsd35 bench` times the kernels, the transformer step
-and a generation (fastsd35.benchmarks.suite); `fastsd35 kernels` compiles every kernel variant for the GPUs and reports it
-(fastsd35.kernels.report).
+"""The command line: `fastsd35 run` turns prompts into PNGs; `fastsd35 serve` serves them over HTTP (fastsd35.app.serve);
+`fastsd35 bench` times the kernels, the transformer step, a generation and the server (fastsd35.benchmarks.suite);
+`fastsd35 kernels` compiles every kernel variant for the GPUs and reports it (fastsd35.kernels.report).
 
 Every user mistake ends in one line on stderr and exit status 2, found before any model is loaded where possible,
 and never with a file written or overwritten.
@@ -27,6 +27,8 @@ from ..pipeline.sampling import SAMPLERS
 from ..version import __version__
 from . import jobs, torchrun
 from .outputs import check_output, write_png
+from .serve import bench as serve_bench  # noqa: F401  (registers the "serve" part of fastsd35 bench)
+from .serve import command as serve
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "download, load and write nothing")
     torchrun.add_arguments(run)
     run.set_defaults(handler=run_command)
+    server = commands.add_parser("serve", help="serve images over HTTP (the OpenAI Images API)",
+                                 description="Load the model once and serve POST /v1/images/generations (the OpenAI "
+                                             "Images API), GET /v1/models, /health and /metrics; needs the serve "
+                                             "extra: pip install 'fastsd35[serve]'.")  # fmt: skip
+    serve.add_arguments(server)
+    server.set_defaults(handler=serve.serve_command)
     bench = commands.add_parser("bench", help="time the kernels, the transformer step and a generation",
                                 description="Time the kernels, the transformer step and a whole generation against "
                                             "their baselines; print a table and write the results as JSON.")

@@ -57,7 +57,8 @@ import torch
 from .. import kernels
 from ..errors import FastSD35Error
 from ..version import __version__
-from .cases import MODELS, NOT_INTERPRETED, PARTS, Case, Contender, Failed, Skip, build_cases
+from .cases import (DEFAULT_PARTS, MODELS, NOT_INTERPRETED, PARTS, Case, Contender, Failed, Skip,
+                    build_cases)
 
 GIB = 1 << 30
 MAX_ITERATIONS = 1000
@@ -75,6 +76,7 @@ SCHEDULES = {  # part -> (full, quick)
     "transformer": (Schedule(10, 1), Schedule(3)),
     "e2e": (Schedule(3), Schedule(1)),
     "multigpu": (Schedule(3), Schedule(1)),
+    "serve": (Schedule(3), Schedule(1)),
 }
 
 
@@ -383,7 +385,7 @@ def result_record(case: Case, r: Result, baselines: dict[str, float]) -> dict:
     return out | ({"extra": r.extra} if r.extra else {})
 
 
-def run_suite(*, parts=PARTS, models=tuple(MODELS), quick=False, out="bench/results", device=None, log=None):
+def run_suite(*, parts=DEFAULT_PARTS, models=tuple(MODELS), quick=False, out="bench/results", device=None, log=None):
     """Run the chosen parts on this machine (CUDA when available), write the JSON; returns (record, path)."""
     env = detect_environment(device)
     results = Results(env, quick=quick)
@@ -456,8 +458,8 @@ def format_table(record: dict) -> str:
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run of every measurement")
-    parser.add_argument("--only", default=",".join(PARTS),
-                        help=f"comma-separated parts: {', '.join(PARTS)} (default: all)")
+    parser.add_argument("--only", default=",".join(DEFAULT_PARTS),
+                        help=f"comma-separated parts: {', '.join(PARTS)} (default: all but serve)")
     parser.add_argument("--models", default=",".join(MODELS),
                         help="comma-separated kernel and step shapes: large, medium (default: both; end to end is "
                              "always large_turbo)")

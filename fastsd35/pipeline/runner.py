@@ -313,6 +313,7 @@ class Pipeline:
         progress: bool = True,
         denoiser_cls=CFGDenoiser,
         cache: bool | CacheConfig | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> Generation:
         """One batch: a prompt repeated `batch_size` times, or a list of prompts (one image each). Image i uses
         seed + i. Unset settings come from the preset (None: the preset's value; `denoise` defaults to 0.8 with an
@@ -322,7 +323,9 @@ class Pipeline:
         signature): `functools.partial(CFGDenoiser, split=True)` runs cond and uncond as two passes, and
         fastsd35.pipeline.distributed passes its CFG-parallel pair here. `cache` (True, or a caching.CacheConfig)
         caches the later blocks' work from step to step (see fastsd35.pipeline.caching; off by default: None or
-        False); the result's `cache` then says which steps were computed and how many passes."""
+        False); the result's `cache` then says which steps were computed and how many passes. `seeds`: one seed per
+        image instead of seed + i (a server's batch of several requests); `seed` still seeds the init and control
+        images."""
         check("batch_size", batch_size, "batch_size")
         prompts = check_prompts([prompt] * batch_size if isinstance(prompt, str) else prompt, "prompt")
         negatives = check_prompts([negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt,
@@ -352,7 +355,12 @@ class Pipeline:
             raise FastSD35Error("a ControlNet needs a control image" if control_image is None
                                 else "a control image needs a ControlNet (--controlnet)")
         B, timings, device = len(prompts), {}, self.device
-        seeds = [seed + i for i in range(B)]
+        if seeds is None:
+            seeds = [seed + i for i in range(B)]
+        elif isinstance(seeds, (list, tuple)) and len(seeds) == B:
+            seeds = [check("seed", one, "seed") for one in seeds]
+        else:
+            raise FastSD35Error(f"seeds must be a list of one seed per image ({B}), got {seeds!r}")
 
         with _stage("encode", timings, device):
             guided = s.cfg > 1
@@ -373,7 +381,7 @@ class Pipeline:
                 if isinstance(control_image, Image.Image):
                     control_image = self.encode_control(control_image, s.width, s.height, seed)
                 control = (control_image.to(device), torch.tensor(float(control_strength), device=device))
-            noise = make_noise(seed, B, (16, s.height // 8, s.width // 8))
+            noise = torch.cat([make_noise(one, 1, (16, s.height // 8, s.width // 8)) for one in seeds])
             x = initial_latent(sigmas[0].to(device), noise.to(device), latent)
             step_cache = None
             if cache_config is not None:
