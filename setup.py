@@ -32,7 +32,9 @@ setup(
     ],
     entry_points={"console_scripts": ["fastsd35=fastsd35.app.cli:main"]},
     extras_require={
-        "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "diffusers>=0.31", "peft>=0.13"],
+        "serve": ["starlette>=0.37", "uvicorn>=0.30"],  # fastsd35 serve
+        "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "diffusers>=0.31", "peft>=0.13",
+                 "starlette>=0.37", "uvicorn>=0.30", "openai>=1.0"],
         "dev": ["pytest-cov>=5.0"],  # tools/mutation.py
     },
 )

@@ -44,6 +44,8 @@ def accelerate(pipe, *, graphs: bool = False):
     copied: the original transformer is left empty) and return `pipe`. `graphs=True` replays the transformer from
     CUDA graphs (CUDA only). Raises ValueError (one line) for anything that is not an SD3/SD3.5 pipeline or transformer
     or that the fast transformer cannot honour (LoRA layers not fused, a custom attention processor, hooks)."""
+    if not isinstance(graphs, bool):
+        raise ValueError(f"graphs must be True or False, got {graphs!r}")
     name = type(pipe).__name__
     if name not in SUPPORTED_PIPELINES:
         raise ValueError(f"accelerate() takes a diffusers {', '.join(SUPPORTED_PIPELINES)}, not a {name}")
@@ -78,8 +80,11 @@ class FastSD3Transformer(nn.Module):
 
     @classmethod
     def from_diffusers(cls, transformer, *, graphs: bool = False) -> "FastSD3Transformer":
-        """Move the weights of a diffusers `SD3Transformer2DModel` into a FastMMDiTX (see the module docstring)."""
+        """Move the weights of a diffusers `SD3Transformer2DModel` into a FastMMDiTX (see the module docstring). Every
+        refusal comes before anything moves: a refused call leaves `transformer` as it was."""
         _check_transformer(transformer)
+        if graphs and transformer.device.type != "cuda":
+            raise ValueError(f"graphs=True needs the transformer on CUDA; it is on {transformer.device}")
         model = _move_weights(transformer)
         return cls(model, transformer.config, graphs=graphs)
 

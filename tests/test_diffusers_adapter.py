@@ -190,6 +190,23 @@ def test_not_an_sd3_pipeline_or_transformer(tiny):
         accelerate(pipe)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a refusal needs a machine without CUDA")
+def test_a_refused_accelerate_leaves_the_pipeline_working(tiny):
+    """graphs=True without CUDA (or graphs of the wrong type) is refused before any weight moves: the pipeline still
+    generates, and a second accelerate() works."""
+    pipe = diffusers_pipeline(tiny)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    for graphs, message in ((True, "graphs=True needs the transformer on CUDA; it is on cpu"),
+                            ("yes", "graphs must be True or False, got 'yes'")):
+        with pytest.raises(ValueError, match=message):
+            accelerate(pipe, graphs=graphs)
+        assert all(torch.equal(v, before[k]) for k, v in pipe.transformer.state_dict().items())
+    first = pipe(prompt="a cat", **PIPE, generator=torch.Generator().manual_seed(1)).images
+    accelerate(pipe)
+    again = pipe(prompt="a cat", **PIPE, generator=torch.Generator().manual_seed(1)).images
+    assert np.abs(first - again).max() < 1e-2
+
+
 def test_what_the_adapter_cannot_honour(diffusers):
     ref = make_diffusers(make_model(TINY_CONFIGS["sd3"]))
     ref.transformer_blocks[1].attn.set_processor(diffusers.models.attention_processor.AttnProcessor2_0())

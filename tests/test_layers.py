@@ -20,7 +20,7 @@ LAYERS = (
     ("tiny",),  # the family's components, used by Pipeline.from_preset
     ("pipeline",),
     ("benchmarks", "diffusers", "tiny.train"),  # beside the app: they use the pipeline (training evaluates with it)
-    ("app",),
+    ("app", "serve"),  # fastsd35/serve.py: the public name of the server's Python API (fastsd35.app.serve)
     ("__init__", "__main__"),
 )
 

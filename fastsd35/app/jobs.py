@@ -16,7 +16,6 @@ for the values in messages: `--steps` on the command line, `steps` in Python and
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -28,25 +27,20 @@ import torch
 from PIL import Image
 
 from ..errors import FastSD35Error
-from ..files import read_user_file
+from ..files import exists, is_dir, is_file, read_user_file
 from ..models.controlnet import CONTROL_TYPES
 from ..models.fp8 import is_quantized
 from ..models.mmditx import CONFIGS
 from ..pipeline import hub, memory
-from ..pipeline.inputs import (
-    DTYPES,
-    MAX_IMAGE_FILE_BYTES,
-    MAX_PROMPTS_FILE_BYTES,
-    check_device,
-    check_prompts,
-    check_values,
-    image_from_bytes,
-)
+from ..pipeline.caching import CacheConfig
+from ..pipeline.inputs import (DTYPES, MAX_IMAGE_FILE_BYTES, MAX_PROMPTS_FILE_BYTES, shown, check_device, check_loras,
+                               check_path, check_prompts, check_values, image_from_bytes)
 from ..pipeline.presets import PRESETS, Preset, Settings, get_preset
-from ..pipeline.sampling import CFGDenoiser, SLGConfig
+from ..pipeline.sampling import CFGDenoiser, SLGConfig, sampler_steps
 from ..tiny.family import TINY_MMDITX_CONFIG, TRAINED_MMDITX_CONFIG
 from ..version import __version__
 from ..weights.checkpoints import find_model_files, transformer_config
+from ..weights.lora import MAX_LORA_BYTES
 from .outputs import image_name, png_bytes, png_size_bound
 from .records import check_record, check_same_file, sha256
 
@@ -64,8 +58,11 @@ REQUEST_KEYS = (
     "controlnet", "control_image", "control_image_sha256", "control_preprocess", "control_strength", "control_type",
     "canny_low", "canny_high", "blur_radius",
     "dtype", "device", "text_encoder_device", "graphs", "t5_tokens", "no_t5", "cfg_parallel",
+    "cache", "cache_threshold", "cache_warmup", "cache_max_skip", "cache_blocks", "cache_extrapolate", "cache_schedule",
     "out", "overwrite",
 )  # fmt: skip
+CACHE_OPTIONS = ("cache_threshold", "cache_warmup", "cache_max_skip", "cache_blocks", "cache_extrapolate")
+PATH_KEYS = ("model", "prompts_file", "init_image", "controlnet", "control_image", "out")
 CONTROL_OPTIONS = ("control_image", "control_preprocess", "control_strength", "control_type", "canny_low", "canny_high",
                    "blur_radius")  # fmt: skip
 
@@ -133,7 +130,7 @@ class Job:
     settings: Settings
     init: ImageInput | None
     control: Control | None
-    loras: tuple[tuple[Path, float], ...]
+    loras: tuple[tuple[Path, float, str | None], ...]  # file, scale, the SHA-256 a record expects
     device: torch.device
     dtype: str | None  # a DTYPES name; None: the device's default
     t5: bool
@@ -141,6 +138,7 @@ class Job:
     text_encoder_device: str
     graphs: bool | None  # None: on CUDA
     cfg_parallel: bool  # cond and uncond as two passes (on two ranks under torchrun)
+    cache: CacheConfig | None  # step caching (None: off)
     hub: hub.HubPlan | None  # a Hub name's files (downloaded by `load`)
     memory: memory.Request | None  # what the GPU memory preflight checks (released models)
     out: Path | None = None  # where the PNGs go (None: the front end keeps them)
@@ -170,10 +168,14 @@ def request_from_args(args) -> dict:
     request["overwrite"] = bool(args.overwrite)
     if args.text_encoder_device == "auto":
         request["text_encoder_device"] = None
-    if getattr(args, "from_png", None):
+    if getattr(args, "from_png", None) is not None:
         from .outputs import read_record
 
-        request = merge(request, request_from_record(read_record(args.from_png), args.from_png))
+        png = check_path(args.from_png, "--from-png")
+        recorded = request_from_record(read_record(png), png)
+        if any(request.get(k) is not None for k in ("cache", *CACHE_OPTIONS, "steps", "denoise", "init_image")):
+            recorded["cache_schedule"] = None  # settings that change the steps or the cache: decided anew
+        request = merge(request, recorded)
     return request
 
 
@@ -184,18 +186,23 @@ def request_from_record(record: dict, source) -> dict:
     request = {key: record.get(key) for key in ("preset", "model", "negative_prompt", "seed", "steps", "cfg", "shift",
                                                  "sampler", "width", "height", "denoise", "dtype", "t5_tokens", "no_t5")}
     request["prompt"] = [record["prompt"]]
-    if record.get("init_image"):
-        request["init_image"] = Path(record["init_image"])
+    if record.get("init_image") is not None:
+        request["init_image"] = record["init_image"]
         request["init_image_sha256"] = record.get("init_image_sha256")
     slg = record.get("slg")
     request["slg"] = SLGConfig(**{**slg, "layers": tuple(slg["layers"])}) if slg else False
-    request["lora"] = [(Path(lora["file"]), lora["scale"]) for lora in record.get("loras") or []] or None
+    request["lora"] = [(Path(lora["file"]), lora["scale"], lora.get("sha256")) for lora in record.get("loras") or []] or None
     request["cfg_parallel"] = record.get("cfg_parallel", False)
+    cache = record.get("cache")
+    if cache:
+        request.update(cache="on", cache_threshold=cache["threshold"], cache_warmup=cache["warmup"],
+                       cache_max_skip=cache["max_skip"], cache_blocks=cache["blocks"],
+                       cache_extrapolate=cache["extrapolate"], cache_schedule=cache["schedule"])  # fmt: skip
     control = record.get("controlnet")
     if control:
         options = control.get("options") or {}
-        request.update(controlnet=Path(control["controlnet"]), control_type=control.get("control_type"),
-                       control_image=Path(control["control_image"]),
+        request.update(controlnet=control["controlnet"], control_type=control.get("control_type"),
+                       control_image=control["control_image"],
                        control_image_sha256=control.get("control_image_sha256"),
                        control_preprocess=control.get("preprocess"), control_strength=control["strength"],
                        canny_low=options.get("low"), canny_high=options.get("high"),
@@ -231,6 +238,11 @@ def plan(request: Mapping[str, Any], *, label: Callable[[str], str] = cli_label)
         raise FastSD35Error(f"unknown option{'s' if len(unknown) > 1 else ''}: {', '.join(map(label, unknown))}")
     r = {key: request.get(key) for key in REQUEST_KEYS}
     check_values({k: v for k, v in r.items() if k != "prompt"}, label=label)
+    for key in PATH_KEYS:
+        if r[key] is not None:
+            path = check_path(r[key], label(key))
+            if not (key == "model" and isinstance(r[key], str)):  # the model's text stays as given: a Hub name?
+                r[key] = path
     preset = get_preset(r["preset"]) if r["preset"] is not None else None
     model = ModelSource.parse(r["model"], preset is not None and preset.built_in)
     t5 = not r["no_t5"]
@@ -265,11 +277,15 @@ def plan(request: Mapping[str, Any], *, label: Callable[[str], str] = cli_label)
         slg=r["slg"], denoise=(DEFAULT_DENOISE if r["denoise"] is None else r["denoise"]) if init else 1.0,
         max_pixels=_max_pixels(preset),
     )
+    if settings.slg and preset.variant in CONFIGS and max(settings.slg.layers) >= CONFIGS[preset.variant].depth:
+        raise FastSD35Error(f"skip-layer guidance layers {list(settings.slg.layers)} do not exist in "
+                            f"{preset.name}'s {CONFIGS[preset.variant].depth}-block transformer")
     batch_size = 1 if r["batch_size"] is None else r["batch_size"]
     cfg_parallel = bool(r["cfg_parallel"])
     if cfg_parallel and settings.cfg <= 1:
         raise FastSD35Error(f"{label('cfg_parallel')} splits the cond and uncond passes, but cfg {settings.cfg:g} <= 1 "
                             f"runs the cond pass only: drop {label('cfg_parallel')} (or raise {label('cfg')})")
+    cache = _cache(r, label, preset, settings)
     if model.hub is not None and hub_plan is None:  # the files the named preset needs (the network comes last)
         hub_plan = hub.plan(*model.hub, preset, t5=t5, dtype=r["dtype"])
     need = None
@@ -281,9 +297,22 @@ def plan(request: Mapping[str, Any], *, label: Callable[[str], str] = cli_label)
         preset=preset, model=model, prompts=prompts, negative_prompt=r["negative_prompt"] or "",
         seed=DEFAULT_SEED if r["seed"] is None else r["seed"], batch_size=batch_size, settings=settings, init=init,
         control=control, loras=loras, device=device, dtype=r["dtype"], t5=t5, t5_tokens=t5_tokens,
-        text_encoder_device=text_encoder_device, graphs=r["graphs"], cfg_parallel=cfg_parallel, hub=hub_plan,
+        text_encoder_device=text_encoder_device, graphs=r["graphs"], cfg_parallel=cfg_parallel, cache=cache,
+        hub=hub_plan,
         memory=need, out=None if r["out"] is None else Path(r["out"]), overwrite=bool(r["overwrite"]),
     )
+
+
+def _cache(r: dict, label, preset: Preset, settings: Settings) -> CacheConfig | None:
+    """The step cache's settings: None when off (then no cache option may be given)."""
+    if r["cache"] != "on":
+        given = [label(k) for k in CACHE_OPTIONS if r[k] is not None]
+        if given:
+            raise FastSD35Error(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} {label('cache')} on")
+        return None
+    given = {k.removeprefix("cache_"): r[k] for k in CACHE_OPTIONS if r[k] is not None}
+    config = CacheConfig(**given, schedule=r["cache_schedule"])
+    return config.checked(_depth(preset, r["model"]), sampler_steps(settings), label)
 
 
 def _items(value, what: str) -> list:
@@ -314,29 +343,22 @@ def _prompts(prompt, prompts_file) -> list[str]:
     return prompts
 
 
-def _lora(item, what: str) -> tuple[Path, float]:
-    """A LoRA as "FILE[:SCALE]" or (file, scale), with the file's keys checked (it is read whole only when the model
-    is loaded)."""
+def _lora(item, what: str) -> tuple[Path, float, str | None]:
+    """A LoRA as "FILE[:SCALE]", (file, scale) or (file, scale, SHA-256), with the file's keys checked (it is read
+    whole when the model is loaded) and, where a record gives its SHA-256, the file's bytes checked against it."""
     from ..weights.lora import lora_layers, parse_lora_arg
 
     if isinstance(item, str):
         path, scale = parse_lora_arg(item)
-    elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (str, Path)):
-        path, scale = Path(item[0]), item[1]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not _finite_number(scale):
-            raise FastSD35Error(f"{what} {path}: the scale must be a finite number, got {scale!r}")
-        scale = float(scale)
+        digest = None
+    elif isinstance(item, tuple):
+        [(path, scale, digest)] = check_loras([item], what)
     else:
-        raise FastSD35Error(f"{what} must be FILE[:SCALE] or a (file, scale) pair, got {item!r}")
+        raise FastSD35Error(f"{what} must be FILE[:SCALE] or a (file, scale) pair, got {shown(item)}")
     lora_layers(path)
-    return path, scale
-
-
-def _finite_number(value) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
+    if digest is not None:
+        check_same_file(read_user_file(path, "LoRA file", MAX_LORA_BYTES), digest, path, "LoRA file", "--lora")
+    return path, scale, digest
 
 
 def _control(r: dict, label) -> Control | None:
@@ -347,7 +369,7 @@ def _control(r: dict, label) -> Control | None:
             raise FastSD35Error(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} {label('controlnet')}")
         return None
     controlnet = Path(r["controlnet"])
-    if not controlnet.exists():
+    if not exists(controlnet):
         raise FastSD35Error(f"{controlnet}: no such ControlNet file or folder")
     if r["control_image"] is None:
         raise FastSD35Error(f"{label('controlnet')} needs {label('control_image')} (edges, a blurred image or a depth map)")
@@ -386,6 +408,14 @@ def _device(requested, label: str) -> torch.device:
     return check_device(requested, label)
 
 
+def _depth(preset: Preset, model) -> int | None:
+    """The transformer's depth when the preset tells it (a released model, or a built-in one), else None."""
+    if preset.variant in CONFIGS:
+        return CONFIGS[preset.variant].depth
+    built_in = {"tiny": TRAINED_MMDITX_CONFIG, "tiny_random": TINY_MMDITX_CONFIG}
+    return built_in[preset.name].depth if model is None and preset.name in built_in else None
+
+
 def _max_pixels(preset: Preset) -> int:
     built_in = {"tiny": TRAINED_MMDITX_CONFIG, "tiny_random": TINY_MMDITX_CONFIG}
     config = built_in.get(preset.name) or CONFIGS[preset.variant]
@@ -394,10 +424,10 @@ def _max_pixels(preset: Preset) -> int:
 
 def _preset_from_checkpoint(model: Path) -> Preset:
     """The preset a local checkpoint implies, read from its tensor shapes (never from its file name)."""
-    if not model.exists():
+    if not exists(model):
         raise FastSD35Error(f"no --preset given and {model} does not exist to read one from: pass --preset "
                             f"({', '.join(PRESETS)}) and --model")
-    if model.is_dir() and not ((model / "transformer").is_dir() or (model / "model_index.json").is_file()):
+    if is_dir(model) and not (is_dir(model / "transformer") or is_file(model / "model_index.json")):
         names = {name for p in PRESETS.values() for name in p.checkpoints}
         found = sorted(p.name for p in model.glob("*.safetensors") if p.name in names)
         if len(found) != 1:
@@ -450,7 +480,7 @@ def generate_kwargs(job: Job, control, denoiser_cls=None) -> dict:
     if denoiser_cls is None:
         denoiser_cls = partial(CFGDenoiser, split=True) if job.cfg_parallel else CFGDenoiser
     return dict(
-        negative_prompt=job.negative_prompt, seed=job.seed, batch_size=job.batch_size,
+        cache=job.cache, negative_prompt=job.negative_prompt, seed=job.seed, batch_size=job.batch_size,
         init_image=job.init.image if job.init else None, denoise=s.denoise if job.init else None, steps=s.steps,
         cfg=s.cfg, shift=s.shift, sampler=s.sampler, width=s.width, height=s.height, slg=s.slg or False,
         control_image=control, control_strength=job.control.strength if job.control else 1.0,
@@ -460,11 +490,21 @@ def generate_kwargs(job: Job, control, denoiser_cls=None) -> dict:
 
 def png_files(job: Job, gen, pipe) -> list[tuple[str, bytes]]:
     """A generation's images as (file name, PNG bytes with the record), in order."""
-    return [(image_name(job.preset.name, prompt, seed), png_bytes(image, record(job, prompt, seed, pipe)))
+    return [(image_name(job.preset.name, prompt, seed), png_bytes(image, record(job, prompt, seed, pipe, gen.cache)))
             for image, prompt, seed in zip(gen.images, gen.prompts, gen.seeds)]
 
 
-def record(job: Job, prompt: str, seed: int, pipe) -> dict:
+def describe_cache(caches: list[dict | None]) -> str:
+    """The run's last line's account of the step cache ("" without it): passes computed of all."""
+    caches = [c for c in caches if c]
+    if not caches:
+        return ""
+    computed, passes = sum(c["computed"] for c in caches), sum(c["passes"] for c in caches)
+    deciding = sum(c["decide_s"] for c in caches)
+    return f"; step cache: {computed} of {passes} transformer passes computed, deciding {deciding:.2f} s"
+
+
+def record(job: Job, prompt: str, seed: int, pipe, cache: dict | None = None) -> dict:
     """Every setting needed to reproduce one image (`fastsd35 run --from-png`)."""
     from .. import kernels
 
@@ -495,9 +535,10 @@ def record(job: Job, prompt: str, seed: int, pipe) -> dict:
         "t5_tokens": job.t5_tokens,
         "no_t5": not job.t5,
         "controlnet": control,
-        "loras": [{"file": _stored_path(file), "scale": scale} for file, scale in pipe.loras],
+        "loras": [{"file": _stored_path(f.path), "scale": f.scale, "sha256": f.sha256} for f in pipe.loras],
         "backend": kernels.backend(pipe.device),
         "cfg_parallel": job.cfg_parallel,
+        "cache": None if cache is None else {k: v for k, v in cache.items() if k != "decide_s"},
     }
 
 
@@ -518,7 +559,7 @@ def fingerprint(job: Job) -> str:
     """A digest of everything that decides the images of a job (not the device): equal wherever the same request is
     planned from the same inputs (every torchrun rank compares it)."""
     digest = hashlib.sha256(repr((job.preset, job.model, job.prompts, job.negative_prompt, job.seed, job.batch_size,
-                                  job.settings, job.dtype, job.t5, job.t5_tokens, job.cfg_parallel, job.loras,
+                                  job.settings, job.dtype, job.t5, job.t5_tokens, job.cfg_parallel, job.loras, job.cache,
                                   job.control and (job.control.strength, job.control.preprocess))).encode())
     for image in (job.init, job.control and job.control.image):
         if image is not None:
@@ -567,7 +608,7 @@ def planned_outputs(job: Job) -> list[Path]:
     taken, paths = set(), []
     for wanted in job.image_names():
         stem, name, n = wanted[:-4], None, 1
-        while name is None or (not job.overwrite and (name in taken or (job.out / name).exists())):
+        while name is None or (not job.overwrite and (name in taken or exists(job.out / name))):
             name, n = (f"{stem}.png" if n == 1 else f"{stem}-{n}.png"), n + 1
         taken.add(name)
         paths.append(job.out / name)

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from ..errors import FastSD35Error
-from ..files import read_user_file
+from ..files import exists, is_dir, is_file, read_user_file
 from ..pipeline.inputs import MAX_PNG_FILE_BYTES
 
 METADATA_KEY = "fastsd35"  # PNG text chunk holding the JSON record of every setting
@@ -52,11 +52,11 @@ def check_output(folder: Path, names: list[str], overwrite: bool, nbytes: int):
     then leaves no trace, and a folder another run may be writing into is never removed."""
     folder = Path(folder)
     existing = folder
-    while not _exists(existing):  # the deepest existing ancestor: what the new folders would be made in
+    while not exists(existing):  # the deepest existing ancestor: what the new folders would be made in
         if existing.parent == existing:
             break
         existing = existing.parent
-    if not existing.is_dir():
+    if not is_dir(existing):
         raise FastSD35Error(f"cannot write to output folder {folder}: {existing} is not a folder")
     name_max = _pathconf(existing, "PC_NAME_MAX", 255)
     path_max = _pathconf(existing, "PC_PATH_MAX", 4096)
@@ -77,10 +77,10 @@ def check_output(folder: Path, names: list[str], overwrite: bool, nbytes: int):
     if free < nbytes + FREE_SPACE_MARGIN:
         raise FastSD35Error(f"not enough free space for the images in {folder}: {free >> 20} MiB free, "
                             f"{(nbytes + FREE_SPACE_MARGIN) >> 20} MiB needed")
-    if overwrite and folder.is_dir():
+    if overwrite and is_dir(folder):
         for name in names:
             target = folder / name
-            if target.exists() and not target.is_file():
+            if exists(target) and not is_file(target):
                 raise FastSD35Error(f"--overwrite cannot replace {target}: it is not a file")
 
 
@@ -90,14 +90,6 @@ def output_folder(folder: Path):
     folder is made by the first `write_png`) and nothing is removed afterwards."""
     check_output(folder, [], False, 0)
     yield Path(folder)
-
-
-def _exists(path: Path) -> bool:
-    try:
-        os.stat(path)
-        return True
-    except OSError:  # also ENAMETOOLONG, which Path.exists raises
-        return False
 
 
 def _pathconf(path: Path, name: str, default: int) -> int:
@@ -166,7 +158,7 @@ def write_png(folder: Path, name: str, data: bytes, overwrite: bool = False) -> 
         for n in range(1, 10_000):
             target = folder / (name if n == 1 else f"{stem}-{n}{suffix}")
             if overwrite:
-                if target.is_dir():
+                if is_dir(target):
                     raise IsADirectoryError(errno.EISDIR, "a folder is in the way", str(target))
                 os.replace(tmp, target)
                 return target
@@ -194,7 +186,7 @@ def _temporary_file(folder: Path) -> tuple[int, str, list[Path]]:
     path and the folders made. Another run may remove an empty folder it made between our mkdir and mkstemp
     (`_remove_if_empty`): then the folder is made again."""
     for _ in range(5):
-        made = [p for p in (folder, *folder.parents) if not _exists(p)]
+        made = [p for p in (folder, *folder.parents) if not exists(p)]
         folder.mkdir(parents=True, exist_ok=True)
         try:
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastsd35-", suffix=".partial")
@@ -226,5 +218,5 @@ def read_record(path: Path) -> dict:
         raise FastSD35Error(f"{path} has no fastsd35 metadata (was it written by fastsd35 run?)")
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise FastSD35Error(f"{path}: its fastsd35 metadata is not valid JSON") from None

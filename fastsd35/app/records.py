@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import FastSD35Error
-from ..pipeline.inputs import check
+from ..pipeline.inputs import check, shown
 
 
 def sha256(data: bytes) -> str:
@@ -71,13 +71,7 @@ _CONTROL = _object(
     required=("controlnet", "control_image", "strength"),
 )  # fmt: skip
 
-def _finite(value, label):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
-        raise FastSD35Error(f"{label} must be a finite number, got {value!r}")
-    return value
-
-
-_LORA = _object({"file": _string, "scale": _finite}, required=("file", "scale"))
+_LORA = _object({"file": _string, "scale": _field("lora_scale"), "sha256": _digest}, required=("file", "scale"))
 
 
 def _loras(value, label):
@@ -86,6 +80,25 @@ def _loras(value, label):
     for i, item in enumerate(value):
         _LORA(item, f"{label}[{i}]")
     return value
+
+
+def _schedule(value, label):
+    if not (isinstance(value, str) and value and set(value) <= {"C", "R"}):
+        raise FastSD35Error(f"{label} must be a string of C and R, got {shown(value)}")
+    return value
+
+
+def _count(value, label):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1 << 32:
+        raise FastSD35Error(f"{label} must be a whole number, got {shown(value)}")
+    return value
+
+
+_CACHE = _object({"threshold": _field("cache_threshold"), "warmup": _field("cache_warmup"),
+                  "max_skip": _field("cache_max_skip"), "blocks": _field("cache_blocks"),
+                  "extrapolate": _field("cache_extrapolate"), "schedule": _schedule, "passes": _count,
+                  "computed": _count},
+                 required=("threshold", "warmup", "max_skip", "blocks", "extrapolate", "schedule"))  # fmt: skip
 
 
 # Every key a record may hold, with the check of its value (None always means "not set").
@@ -100,6 +113,7 @@ RECORD_KEYS: dict[str, Callable[[Any, str], Any]] = {
     "init_image_sha256": _digest,
     "controlnet": _CONTROL,
     "loras": _loras,
+    "cache": _CACHE,
 }
 
 

@@ -3,14 +3,14 @@ fastsd35.pipeline.distributed driven by the same job as one process."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from contextlib import ExitStack
 from functools import partial
 
 from ..errors import FastSD35Error
-from ..pipeline.distributed import DEFAULT_TIMEOUT_S, LostContact, agree, close, generate, init, write_images
+from ..pipeline.distributed import (DEFAULT_TIMEOUT_S, LostContact, environment, agree, close, generate, init,
+                                    write_images)
 from . import jobs
 from .outputs import output_folder, write_png
 
@@ -26,7 +26,11 @@ def add_arguments(parser):
 
 def run_command(args) -> int:
     """`fastsd35 run` as one rank of a torchrun job. Returns the exit status; only rank 0 prints."""
-    rank = int(os.environ.get("RANK", "0"))
+    try:
+        rank = environment()[0]
+    except FastSD35Error as e:  # the same environment problem on every rank: every rank says it
+        print(f"fastsd35: error: {e}", file=sys.stderr)
+        return 2
     try:
         return _run(args)
     except FastSD35Error as e:  # agreed by every rank, or found alike by every rank before joining

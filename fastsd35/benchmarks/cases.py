@@ -29,7 +29,8 @@ import torch.nn as nn
 from .. import kernels
 from ..models.mmditx import CONFIGS, FREQ_DIM, HEAD_DIM, FastMMDiTX, MMDiTX, MMDiTXConfig
 
-PARTS = ("kernels", "transformer", "e2e", "multigpu")
+PARTS = ("kernels", "transformer", "e2e", "multigpu", "serve")  # "serve" is registered by fastsd35.app.serve.bench
+DEFAULT_PARTS = PARTS[:-1]  # what runs without --only: the HTTP server (the serve extra) is asked for by name
 MODELS = {"large": "sd3.5_large", "medium": "sd3.5_medium"}
 REDUCED = {  # the CPU's stand-ins: the released structure (qk-norm; MMDiT-X blocks for medium) at depth 3
     "large": MMDiTXConfig(depth=3, pos_embed_max_size=32, qk_norm="rms"),

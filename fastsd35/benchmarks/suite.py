@@ -62,7 +62,8 @@ from .. import kernels
 from ..errors import FastSD35Error
 from ..files import check_writable
 from ..version import __version__
-from .cases import MODELS, NOT_INTERPRETED, PARTS, Case, Contender, Failed, Skip, build_cases
+from .cases import (DEFAULT_PARTS, MODELS, NOT_INTERPRETED, PARTS, Case, Contender, Failed, Skip,
+                    build_cases)
 
 GIB = 1 << 30
 MAX_ITERATIONS = 1000
@@ -80,6 +81,7 @@ SCHEDULES = {  # part -> (full, quick)
     "transformer": (Schedule(10, 1), Schedule(3)),
     "e2e": (Schedule(3), Schedule(1)),
     "multigpu": (Schedule(3), Schedule(1)),
+    "serve": (Schedule(3), Schedule(1)),
 }
 
 
@@ -452,7 +454,7 @@ def check_out(out, env: Environment) -> Path:
     return path
 
 
-def run_suite(*, parts=PARTS, models=tuple(MODELS), quick=False, out="bench/results", device=None, log=None,
+def run_suite(*, parts=DEFAULT_PARTS, models=tuple(MODELS), quick=False, out="bench/results", device=None, log=None,
               cases=None, contenders=None):
     """Run the chosen parts (and of them the `cases` and `contenders` named, see `select`) on this machine (CUDA when
     available), writing the JSON after every contender; returns (this run's record, the file's path)."""
@@ -527,8 +529,8 @@ def format_table(record: dict) -> str:
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run of every measurement")
-    parser.add_argument("--only", default=",".join(PARTS),
-                        help=f"comma-separated parts: {', '.join(PARTS)} (default: all)")
+    parser.add_argument("--only", default=",".join(DEFAULT_PARTS),
+                        help=f"comma-separated parts: {', '.join(PARTS)} (default: all but serve)")
     parser.add_argument("--models", default=",".join(MODELS),
                         help="comma-separated kernel and step shapes: large, medium (default: both; end to end is "
                              "always large_turbo)")

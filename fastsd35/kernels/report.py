@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FastSD35Error
-from ..files import check_writable
+from ..files import check_writable, is_file
 from . import checks
 
 ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
@@ -206,7 +206,7 @@ def _cuobjdump() -> str:
     from triton import knobs
 
     path = knobs.nvidia.cuobjdump.path
-    if not path or not Path(path).is_file():
+    if not path or not is_file(Path(path)):
         raise FastSD35Error(f"fastsd35 kernels: cuobjdump not found at {path} (the triton wheel ships one)")
     return path
 

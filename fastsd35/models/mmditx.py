@@ -472,14 +472,20 @@ class MMDiTX(StrictLoading, nn.Module):
     def modulations(self, c: torch.Tensor):
         """All adaLN modulation vectors from one GEMM: [(ctx_mods, x_mods) per block] and the final layer's mods,
         each a (B, n_mods, D) view of one (B, sum n_mods * D) tensor."""
+        return self.split_modulations(self.modulation_tensor(c))
+
+    def modulation_tensor(self, c: torch.Tensor) -> torch.Tensor:
+        """Every block's and the final layer's adaLN modulation vectors as one (B, sum n_mods * D) tensor: one GEMM."""
         if not self._adaln_is_fused():
             self._fuse_adaln()
         if self._adaln_s is None:
-            mods = F.linear(F.silu(c), self._adaln_w, self._adaln_b)
-        else:
-            fp8_matmul = self._adaln_linears()[0].fp8_matmul
-            mods = fp8_linear(F.silu(c), self._adaln_w, self._adaln_s, self._adaln_b, fp8_matmul=fp8_matmul)
-        B, D = c.shape[0], self.config.hidden_size
+            return F.linear(F.silu(c), self._adaln_w, self._adaln_b)
+        fp8_matmul = self._adaln_linears()[0].fp8_matmul
+        return fp8_linear(F.silu(c), self._adaln_w, self._adaln_s, self._adaln_b, fp8_matmul=fp8_matmul)
+
+    def split_modulations(self, mods: torch.Tensor):
+        """`modulation_tensor`'s result as [(ctx_mods, x_mods) per block] and the final layer's mods: views."""
+        B, D = mods.shape[0], self.config.hidden_size
         views, col = [], 0
         for lin in self._adaln_linears():
             n = lin.out_features
@@ -539,29 +545,50 @@ class MMDiTX(StrictLoading, nn.Module):
     def forward(self, x, t, y=None, context=None, controlnet_hidden_states=None, skip_layers=()):
         """x (B, C, h, w) latent; t (B,) timestep = sigma * 1000; y (B, adm) pooled text; context (B, L, context_dim).
         `controlnet_hidden_states[i // (depth // n)]` is added to x after block i (the last block included);
-        blocks in `skip_layers` are skipped together with their ControlNet residual. Returns (B, C_out, h, w)."""
+        blocks in `skip_layers` are skipped together with their ControlNet residual. Returns (B, C_out, h, w).
+        The same as `embed`, then `run_blocks` over every block, then `final`, which callers that run the blocks in
+        parts (the step cache: fastsd35.pipeline.caching) use directly."""
+        state = self.embed(x, t, y, context, controlnet_hidden_states)
+        self.run_blocks(state, 0, self.depth, controlnet_hidden_states, skip_layers)
+        return self.final(state)
+
+    def embed(self, x, t, y=None, context=None, controlnet_hidden_states=None) -> SimpleNamespace:
+        """The stream state before the blocks: x and context tokens, every block's modulations (one tensor), the
+        latent size. Checks the inputs (those of `forward`)."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         self._check_inputs(x, t, y, context, controlnet_hidden_states)
-        ops, dtype, hw = self.ops(x.device), self.dtype, x.shape[-2:]
-
+        dtype, hw = self.dtype, x.shape[-2:]
         x = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(hw)
         c = self.t_embedder(t, dtype)
         if y is not None:
             c = c + self.y_embedder(y.to(dtype))
         context = self.context_embedder(context.to(dtype))
-        block_mods, final_mods = self.modulations(c)
-        ws = self.workspace(x.shape[0], context.shape[1], x.shape[1], x.device)
+        return SimpleNamespace(x=x, context=context, mods=self.modulation_tensor(c), hw=tuple(hw))
 
+    def run_blocks(self, state: SimpleNamespace, start: int, stop: int, controlnet_hidden_states=None, skip_layers=()):
+        """Blocks start .. stop-1 on `state` (from `embed`), in place: state.x and state.context move on (context is
+        None after the last block, whose context stream is pre-only). ControlNet residuals and skipped layers as in
+        `forward`."""
+        ops = self.ops(state.x.device)
+        block_mods, _ = self.split_modulations(state.mods)
+        ws = self.workspace(state.x.shape[0], state.context.shape[1], state.x.shape[1], state.x.device)
         hs = controlnet_hidden_states
-        for i, block in enumerate(self.joint_blocks):
+        context, x = state.context, state.x
+        for i in range(start, stop):
             if i in skip_layers:
                 continue
-            context, x = block(context, x, *block_mods[i], ops, ws)
+            context, x = self.joint_blocks[i](context, x, *block_mods[i], ops, ws)
             if hs is not None:
                 x = x + hs[i // (self.depth // len(hs))]
-        return self.unpatchify(self.final_layer(x, final_mods, ops), hw)
+        state.context, state.x = context, x
+        return state
+
+    def final(self, state: SimpleNamespace) -> torch.Tensor:
+        """The final layer on state.x: (B, C_out, h, w)."""
+        _, final_mods = self.split_modulations(state.mods)
+        return self.unpatchify(self.final_layer(state.x, final_mods, self.ops(state.x.device)), state.hw)
 
     def workspace(self, batch: int, n_ctx: int, n_x: int, device) -> SimpleNamespace:
         """Joint q/k/v buffers (B, H, n_ctx + n_x, Dh), the attention outputs, and x-only buffers for attn2;

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import gc
 import re
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F

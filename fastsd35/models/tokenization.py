@@ -41,6 +41,7 @@ from typing import Sequence
 import torch
 
 from ..errors import FastSD35Error
+from ..files import is_dir, is_file
 
 CLIP_LENGTH = 77  # CLIP's positions: BOS + 75 tokens + EOS
 T5_MIN_LENGTH = 77
@@ -225,7 +226,7 @@ _HUB_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 
 
 def _has_files(folder: Path, kind: str) -> bool:
-    return any(all((folder / f).is_file() for f in files) for files in _TOKENIZER_FILES[kind])
+    return any(all(is_file(folder / f) for f in files) for files in _TOKENIZER_FILES[kind])
 
 
 def find_tokenizer(kind: str, folders: Sequence[Path]):
@@ -250,7 +251,7 @@ def find_tokenizer(kind: str, folders: Sequence[Path]):
             return None
 
     for folder in folders:
-        if not folder.is_dir():
+        if not is_dir(folder):
             tried.append(f"{folder} (no such folder)")
         elif (tok := load(folder, str(folder))) is not None:
             return tok

@@ -49,9 +49,30 @@ DEFAULT_TIMEOUT_S = 600.0  # the longest any rank waits for the others at one co
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
+MAX_WORLD_SIZE = 1 << 20
+
+
+def _env_int(name: str, default: str | None, low: int, high: int) -> int:
+    """A torchrun environment variable as an int in [low, high]; FastSD35Error naming it otherwise."""
+    text = os.environ.get(name, default)
+    if text is None:
+        raise FastSD35Error("not started by torchrun: RANK and WORLD_SIZE are not set "
+                            "(run torchrun --nproc-per-node N -m fastsd35 run ...)")
+    try:
+        value = int(text.strip()) if text.strip().lstrip("+-").isdigit() else None
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        shown = text if len(text) <= 40 else f"{text[:40]}..."
+        raise FastSD35Error(f"the environment's {name} is {shown!r}: torchrun sets it to a whole number from {low} to "
+                            f"{high}; start the job with torchrun (or unset {name} for one process)")
+    return value
+
+
 def launched() -> bool:
-    """True in a process that torchrun (or anything setting its environment) started as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True in a process that torchrun (or anything setting its environment) started as one of several; a
+    WORLD_SIZE that is not a whole number >= 1 is a FastSD35Error."""
+    return _env_int("WORLD_SIZE", "1", 1, MAX_WORLD_SIZE) > 1
 
 
 class LostContact(Exception):
@@ -88,17 +109,19 @@ class Ranks:
         return range(self.worker, n, self.workers)
 
 
-def _environment() -> tuple[int, int, int]:
-    try:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
-    except (KeyError, ValueError):
-        raise FastSD35Error("not started by torchrun: RANK and WORLD_SIZE are not set "
-                            "(run torchrun --nproc-per-node N -m fastsd35 run ...)") from None
+def environment() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) from torchrun's environment, each checked: 0 <= RANK < WORLD_SIZE and
+    0 <= LOCAL_RANK <= RANK."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        _env_int("RANK", None, 0, 0)  # raises: not started by torchrun
+    world_size = _env_int("WORLD_SIZE", None, 1, MAX_WORLD_SIZE)
+    rank = _env_int("RANK", None, 0, world_size - 1)
+    return rank, world_size, _env_int("LOCAL_RANK", "0", 0, rank)
 
 
 def check(device: str | None = None, *, cfg_parallel: bool = False) -> tuple[int, int, torch.device]:
     """What can be checked from torchrun's environment alone (the same on every rank): (rank, world size, device)."""
-    rank, world_size, local_rank = _environment()
+    rank, world_size, local_rank = environment()
     if cfg_parallel and world_size % 2:
         raise FastSD35Error(f"--cfg-parallel pairs the ranks: run an even number of processes, not {world_size}")
     try:
@@ -188,19 +211,24 @@ class PairDenoiser(CFGDenoiser):
             raise FastSD35Error(f"CFG-parallel needs cfg > 1 (there is no uncond pass at cfg {self.cfg})")
         self.group, self.role = group, role
 
-    def passes(self, x, sigma, skip: bool):
-        if self.role == 0:
-            mine = [self.denoise(x, sigma, self.context, self.y, control=self.control)]
-            if skip:
-                mine.append(torch.zeros_like(mine[0]))  # all_gather takes equal shapes; the odd rank's slot is used
-        else:
-            mine = [self.denoise(x, sigma, *self.uncond, control=self.control)]
-            if skip:
-                mine.append(self.denoise(x, sigma, self.context, self.y, skip_layers=self.slg.layers))
+    def guidance(self):
+        return [(1, self.context, self.y)] if self.role == 0 else [(1, *self.uncond)]
+
+    def passes(self, x, sigma, skip: bool, step: int = 0):
+        mine = self.run_guidance(x, sigma, step, self.guidance(), gather=self._gather_distances)
+        if skip:  # all_gather takes equal shapes: the even rank's slot is a placeholder, the odd rank's is used
+            mine.append(torch.zeros_like(mine[0]) if self.role == 0 else self.skip_pass(x, sigma))
         local = torch.stack(mine)
         both = [torch.empty_like(local) for _ in range(2)]
         _collective("exchanging the guidance passes", dist.all_gather, both, local, group=self.group)
         return both[0][0], both[1][0], both[1][1] if skip else None
+
+
+    def _gather_distances(self, partial):
+        """The pair's per-pass partial distances, cond rank's first: what one process running both passes sums."""
+        both = [None, None]
+        _collective("agreeing on the step cache", dist.all_gather_object, both, partial, group=self.group)
+        return both[0] + both[1]
 
 
 def denoiser_cls(ranks: Ranks):

@@ -2,7 +2,8 @@
 
 `CUDAGraphPasses` wraps a transformer pass (`runner.TransformerPass`: v = model(x, t, y, context, ...)) and replays
 one captured graph per `graph_key`: (batch, latent h x w, context length, dtypes, skip-layer set, ControlNet on/off).
-The CFG pass [cond, uncond], the cond-only pass (cfg <= 1) and the skip-layer pass each get their own. Inputs are
+The CFG pass [cond, uncond], the cond-only pass (cfg <= 1) and the skip-layer pass each get their own; with the step
+cache (fastsd35.pipeline.caching), so do each pass's head, tail and reuse stages. Inputs are
 copied into the graph's static buffers (`refresh`) and the output is copied out of its static buffer; everything the
 forward allocates (the joint q/k/v/out workspaces included) comes from one memory pool shared by the graphs,
 allocated once per shape. The sampler's arithmetic stays outside the graphs.
@@ -128,10 +129,21 @@ class _Graph:
     output: torch.Tensor
 
 
+def _cloned(output):
+    """A copy of a graph's static output (a tensor, a tuple or a dict of them): the next replay overwrites it."""
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, dict):
+        return {k: v.clone() for k, v in output.items()}
+    return tuple(v.clone() for v in output)
+
+
 class CUDAGraphPasses:
     """Capture-once, replay-many wrapper of a transformer pass with the same call signature:
-    `passes(x, sigma, y, context, skip_layers=(), control=None) -> v`. `capturer` defaults to `CUDACapturer(device)`
-    (tests hand in another to run the cache logic on the CPU)."""
+    `passes(x, sigma, y, context, skip_layers=(), control=None) -> v`, and the staged pass of the step cache
+    (`head`, `tail`, `reuse`: runner.TransformerPass), each stage a graph of its own, so that the host decides
+    between the tail and the reuse after the head. `capturer` defaults to `CUDACapturer(device)` (tests hand in
+    another to run the cache logic on the CPU)."""
 
     def __init__(self, model_pass, device, *, capturer: Capturer | None = None):
         self.model_pass, self.device = model_pass, torch.device(device)
@@ -141,23 +153,44 @@ class CUDAGraphPasses:
     def __call__(self, x, sigma, y, context, *, skip_layers=(), control=None) -> torch.Tensor:
         inputs = pass_inputs(x, sigma, y, context, control)
         key = graph_key(inputs, skip_layers)
+
+        def run(static):
+            control = tuple(static[n] for n in CONTROL_INPUTS) if CONTROL_INPUTS[0] in static else None
+            return self.model_pass(*(static[n] for n in PASS_INPUTS), skip_layers=key[1], control=control)
+
+        return self._replay(key, inputs, run)
+
+    def head(self, x, sigma, y, context, *, blocks: int, control=None) -> dict[str, torch.Tensor]:
+        inputs = pass_inputs(x, sigma, y, context, control)
+
+        def run(static):
+            control = tuple(static[n] for n in CONTROL_INPUTS) if CONTROL_INPUTS[0] in static else None
+            return self.model_pass.head(*(static[n] for n in PASS_INPUTS), blocks=blocks, control=control)
+
+        return self._replay(("head", graph_key(inputs), blocks), inputs, run)
+
+    def tail(self, head: dict[str, torch.Tensor], *, blocks: int, hw) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._replay(("tail", graph_key(head), blocks, tuple(hw)), head,
+                            lambda static: self.model_pass.tail(static, blocks=blocks, hw=hw))  # fmt: skip
+
+    def reuse(self, head: dict[str, torch.Tensor], tail_residual: torch.Tensor, *, hw) -> torch.Tensor:
+        inputs = {**head, "tail_residual": tail_residual}
+        return self._replay(("reuse", graph_key(inputs), tuple(hw)), inputs,
+                            lambda static: self.model_pass.reuse(static, static["tail_residual"], hw=hw))  # fmt: skip
+
+    def _replay(self, key, inputs: dict[str, torch.Tensor], run):
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._capture(inputs, key[1])  # not cached when the capture fails
+            entry = self.graphs[key] = self._capture(inputs, run)  # not cached when the capture fails
         else:
             refresh(entry.inputs, inputs)
         entry.replay()
-        return entry.output.clone()  # the static output is overwritten by the next replay
+        return _cloned(entry.output)  # the static output is overwritten by the next replay
 
-    def _capture(self, inputs: dict[str, torch.Tensor], skip_layers: tuple) -> _Graph:
+    def _capture(self, inputs: dict[str, torch.Tensor], run) -> _Graph:
         static = static_copies(inputs, self.device)
-        control = tuple(static[n] for n in CONTROL_INPUTS) if CONTROL_INPUTS[0] in static else None
-
-        def run():
-            return self.model_pass(*(static[n] for n in PASS_INPUTS), skip_layers=skip_layers, control=control)
-
         try:
-            replay, output = self.capturer.capture(run)
+            replay, output = self.capturer.capture(lambda: run(static))
         except Exception as e:
             if is_out_of_memory(e) and not isinstance(e, torch.cuda.OutOfMemoryError):
                 raise torch.cuda.OutOfMemoryError(f"out of memory while capturing a CUDA graph: {e}") from e

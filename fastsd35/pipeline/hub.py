@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import os
 import re
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FastSD35Error
+from ..files import exists, is_dir, is_file
 from ..models.tokenization import hf_cache_dir, hf_offline
 from .presets import PRESETS, Preset
 
@@ -88,7 +91,7 @@ def parse_hub_name(model) -> tuple[str, str | None] | None:
         return None
     text = str(model)
     m = _HUB_NAME.fullmatch(text)
-    if not m or Path(text).expanduser().exists() or "--" in m["repo"] or ".." in text:
+    if not m or exists(Path(text).expanduser()) or "--" in m["repo"] or ".." in text:
         return None
     if text.lower().endswith(_LOCAL_SUFFIXES):
         return None  # a checkpoint file that is missing: the local-path error says what was expected
@@ -150,9 +153,27 @@ def _cached_commit(repo: str, revision: str) -> str | None:
 
 def _cached_files(snapshot: Path) -> dict[str, int | None]:
     """The complete files of a snapshot folder (a link whose blob is missing or unfinished does not count)."""
-    if not snapshot.is_dir():
+    if not is_dir(snapshot):
         return {}
-    return {p.relative_to(snapshot).as_posix(): None for p in snapshot.rglob("*") if p.is_file()}
+    return {p.relative_to(snapshot).as_posix(): None for p in snapshot.rglob("*") if is_file(p)}
+
+
+def _broken_entries(snapshot: Path) -> list[str]:
+    """The snapshot's entries that are neither folders nor readable regular files, each named with what it is (a link
+    to a missing blob, a FIFO, ...)."""
+    broken = []
+    for p in sorted(snapshot.rglob("*")) if is_dir(snapshot) else []:
+        if is_dir(p) or is_file(p):
+            continue
+        name = p.relative_to(snapshot).as_posix()
+        try:
+            mode = os.lstat(p).st_mode
+        except OSError:
+            continue
+        kind = ("a link to a missing or unreadable blob" if stat.S_ISLNK(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "not a regular file")
+        broken.append(f"{name} is {kind}")
+    return broken
 
 
 def _hub_listing(repo: str, revision: str) -> tuple[str, dict[str, int | None]]:
@@ -202,6 +223,17 @@ def _explain(e: BaseException, repo: str, revision: str, during: str) -> FastSD3
         return FastSD35Error(f"the Hugging Face Hub failed on {repo} ({_first_line(e)}): try again later"
                              + (" (the download resumes where it stopped)" if during == "download" else ""))
     return None
+
+
+def _unusable(e: BaseException, repo: str) -> str:
+    """Why the Hub's listing could not be used, for the line that says the cache is used instead."""
+    from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError
+
+    if isinstance(e, LocalEntryNotFoundError) or isinstance(e, _network_errors()):
+        return "cannot reach the Hugging Face Hub"
+    if isinstance(e, GatedRepoError):
+        return f"the Hugging Face Hub refuses access to {repo} (gated: log in with `{login_command()}` or set HF_TOKEN)"
+    return f"the Hugging Face Hub failed on {repo}"
 
 
 def login_command() -> str:
@@ -255,12 +287,18 @@ def select_files(listing, preset: Preset, *, t5: bool = True, dtype: str | None 
         return chosen
 
     checkpoint = next((c for c in preset.checkpoints if c in listing), None)
+    lacks_t5 = False
     if checkpoint and (chosen := pick(OFFICIAL_FILES)) is not None:
-        t5_file = next((f for f in T5_FILES.get(dtype, T5_FILES[None]) if f in listing), None)
+        t5_files = T5_FILES.get(dtype, T5_FILES[None])
+        t5_file = next((f for f in t5_files if f in listing), None)
         if not t5 or t5_file:
             return "official", checkpoint, [checkpoint] + chosen + ([t5_file] if t5 else [])
+        lacks_t5 = True
     if (chosen := pick(DIFFUSERS_FILES)) is not None:
         return "diffusers", None, chosen
+    if lacks_t5:
+        raise FastSD35Error(f"{checkpoint} is there but no T5-XXL file ({' or '.join(t5_files)}): pass --no-t5 to run "
+                            "without T5 (weaker prompt following)")
     shown = ", ".join(n for n in names if "/" not in n) or "no files"
     raise FastSD35Error(
         f"no {preset.name} model in either layout: expected {' or '.join(preset.checkpoints)} with text_encoders/, or "
@@ -293,7 +331,8 @@ def plan(repo: str, revision: str | None, preset: Preset | None, *, t5: bool = T
             if not cached or _does_not_exist(e):
                 raise problem from None
             source = f"cache (the Hub failed: {_first_line(e)})"
-            print(f"fastsd35: using the cached {repo}: {problem}", file=sys.stderr)
+            print(f"fastsd35: {_unusable(e, repo)} ({_first_line(e)}): using {repo} from the Hugging Face cache "
+                  f"(commit {commit[:12]})", file=sys.stderr)
     if listing is None and not cached:
         raise FastSD35Error(f"{repo}{'' if revision == 'main' else '@' + revision} is not in the Hugging Face cache "
                             f"{hf_cache_dir()} and HF_HUB_OFFLINE is set (nor is it a local file or folder): run once online to "
@@ -301,11 +340,16 @@ def plan(repo: str, revision: str | None, preset: Preset | None, *, t5: bool = T
     snapshot = storage_folder(repo) / "snapshots" / commit
     cached = _cached_files(snapshot)
     listing = cached if listing is None else listing
-    preset = preset or preset_for(repo, listing)
     try:
+        preset = preset or preset_for(repo, listing)
         layout, checkpoint, names = select_files(listing, preset, t5=t5, dtype=dtype)
     except FastSD35Error as e:
         if source:
+            broken = _broken_entries(snapshot)
+            if broken:  # what the cache holds but cannot be read says more than what seems to be missing
+                raise FastSD35Error(f"{repo} in the cache {snapshot}: {', '.join(broken[:3])}"
+                                    f"{' ...' if len(broken) > 3 else ''}: delete the broken entries and run once "
+                                    "online to fetch them again") from None
             raise FastSD35Error(f"{repo} in the cache {snapshot}: {e}: run once online to download the rest") from None
         raise FastSD35Error(f"{repo} on the Hub: {e}") from None
     files = tuple(HubFile(n, listing.get(n), n in cached) for n in names)
@@ -329,7 +373,7 @@ def _complete(cached, preset, t5, dtype) -> bool:
 def free_bytes(folder: Path) -> int:
     """Free space on the disk that holds `folder` (or would, once created)."""
     folder = Path(folder)
-    while not folder.exists() and folder != folder.parent:
+    while not exists(folder) and folder != folder.parent:
         folder = folder.parent
     return shutil.disk_usage(folder).free
 
@@ -367,9 +411,11 @@ def download(p: HubPlan) -> Path:
         snapshot = p.snapshot
     for f in p.files:  # the cache only links finished files, but a file may be gone or cut short since
         path = snapshot / f.path
-        size = path.stat().st_size if path.is_file() else None
+        size = path.stat().st_size if is_file(path) else None
         if size is None or (f.size is not None and size != f.size):
-            found = "missing" if size is None else f"{size} bytes, expected {f.size}"
+            found = f"{size} bytes, expected {f.size}" if size is not None else (
+                "missing" if not os.path.lexists(path) else "a link to a missing blob" if path.is_symlink()
+                else "not a regular file")
             raise FastSD35Error(f"{p.name}: {path} in the Hugging Face cache is incomplete ({found}): delete it and "
                                 "run the same command again online to fetch it")
     return snapshot / p.checkpoint if p.checkpoint else snapshot

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,14 @@ FIELDS: dict[str, Field] = {
     "preset": Field(str),
     "model": Field(str),
     "control_strength": Field(float),
+    "lora_scale": Field(float),
+    "dist_timeout": Field(float, 0, 7 * 24 * 3600, low_open=True),  # distributed.MAX_TIMEOUT_S
+    "cache": Field(str, choices=("off", "on")),
+    "cache_threshold": Field(float, 0),
+    "cache_warmup": Field(int, 0, MAX_STEPS),
+    "cache_max_skip": Field(int, 0, MAX_STEPS),
+    "cache_blocks": Field(int, 1, 127),
+    "cache_extrapolate": Field(bool),
     "control_preprocess": Field(str, choices=("canny", "blur", "depth")),
     "canny_low": Field(float, 0),
     "canny_high": Field(float, 0),
@@ -102,7 +111,7 @@ def check(name: str, value: Any, label: str | None = None) -> Any:
     elif f.kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif f.kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
     else:
         ok = isinstance(value, str)
     if ok and f.choices is not None:
@@ -112,8 +121,57 @@ def check(name: str, value: Any, label: str | None = None) -> Any:
     if ok and f.high is not None:
         ok = value <= f.high
     if not ok:
-        raise FastSD35Error(f"{label} must be {f.describe()}, got {value!r}")
+        raise FastSD35Error(f"{label} must be {f.describe()}, got {shown(value)}")
     return float(value) if f.kind is float else value
+
+
+def _finite(value) -> bool:
+    """Finite as a float: an int beyond float's range is not (math.isfinite would raise OverflowError on it)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def check_path(value, label: str) -> Path:
+    """A path argument: a str or os.PathLike, not empty; FastSD35Error for anything else (None, numbers, bytes)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise FastSD35Error(f"{label} must be a path (a str or Path, not empty, without NUL bytes), got {shown(value)}")
+    return Path(value)
+
+
+def check_optional_bool(value, label: str) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise FastSD35Error(f"{label} must be True, False or None, got {shown(value)}")
+    return value
+
+
+def check_loras(loras, label: str = "loras") -> list[tuple[Path, float, str | None]]:
+    """LoRAs for the Python API: a list or tuple of (path, scale) or (path, scale, expected SHA-256) items."""
+    from ..weights.lora import check_scale  # the LoRA scale's own check
+
+    if not isinstance(loras, (list, tuple)):
+        raise FastSD35Error(f"{label} must be a list of (path, scale) pairs, got {shown(loras)}")
+    checked = []
+    for i, item in enumerate(loras):
+        if not isinstance(item, (list, tuple)) or len(item) not in (2, 3):
+            raise FastSD35Error(f"{label}[{i}] must be a (path, scale) pair, got {shown(item)}")
+        path = check_path(item[0], f"{label}[{i}]'s path")
+        scale = check_scale(item[1], f"{label}[{i}] ({path})")
+        digest = item[2] if len(item) == 3 else None
+        if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                       and all(c in "0123456789abcdef" for c in digest)):
+            raise FastSD35Error(f"{label}[{i}]'s SHA-256 must be 64 hex digits, got {shown(digest)}")
+        checked.append((path, scale, digest))
+    return checked
+
+
+def shown(value, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: a message stays one readable line whatever was given."""
+    text = repr(value) if not isinstance(value, type) else value.__name__
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def check_prompts(prompts, label: str = "prompt") -> list[str]:
@@ -131,18 +189,21 @@ def check_prompts(prompts, label: str = "prompt") -> list[str]:
 
 
 def check_device(requested, label: str = "device") -> torch.device:
-    """A cpu or cuda device that exists here (cuda:N with N below the device count)."""
+    """A cpu or cuda device that exists here (cuda:N with N below the device count), named by a string, an int (a
+    CUDA index, as torch takes it) or a torch.device."""
+    if isinstance(requested, bool) or not isinstance(requested, (str, int, torch.device)):
+        raise FastSD35Error(f"unknown {label} {shown(requested)}: use cuda, cuda:N or cpu")
     try:
         device = torch.device(requested)
     except (RuntimeError, TypeError):
-        raise FastSD35Error(f"unknown {label} {requested!r}: use cuda, cuda:N or cpu") from None
+        raise FastSD35Error(f"unknown {label} {shown(requested)}: use cuda, cuda:N or cpu") from None
     if device.type not in DEVICE_TYPES:
-        raise FastSD35Error(f"{label} {requested!r} is not supported: use cuda, cuda:N or cpu")
+        raise FastSD35Error(f"{label} {shown(requested)} is not supported: use cuda, cuda:N or cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise FastSD35Error(f"{label} {requested!r} asked for CUDA, which is not available here: use cpu")
+            raise FastSD35Error(f"{label} {shown(requested)} asked for CUDA, which is not available here: use cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise FastSD35Error(f"{label} {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise FastSD35Error(f"{label} {shown(requested)}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 from ..errors import FastSD35Error
-from .inputs import check
+from .inputs import check, shown
 from .sampling import SLGConfig
 
 
@@ -47,7 +46,7 @@ class Preset:
         off, True = on with the preset's (or the default) config. While SLG is on and cfg is not given, the SLG
         config's cfg applies. `max_pixels`: the largest side the model's position table allows."""
         if not (slg is None or isinstance(slg, (bool, SLGConfig))):
-            raise FastSD35Error(f"slg must be None, True, False or an SLGConfig, got {slg!r}")
+            raise FastSD35Error(f"slg must be None, True, False or an SLGConfig, got {shown(slg)}")
         if slg is None or slg is True:
             slg = self.slg if slg is None else (self.slg or SLGConfig())
         settings = Settings(
@@ -84,11 +83,20 @@ class Settings:
             if value < 16 or value % 16:
                 lower, upper = max(16, value // 16 * 16), max(16, -(-value // 16) * 16)
                 nearest = f"{lower}" if lower == upper else f"{lower} or {upper}"
-                raise FastSD35Error(f"{name} {value} is not a multiple of 16: use {nearest}")
+                raise FastSD35Error(f"{name} {shown(value)} is not a multiple of 16: use {nearest if len(nearest) < 80 else 'a multiple of 16'}")
             if max_pixels and value > max_pixels:
-                raise FastSD35Error(f"{name} {value} is beyond this model's position-embedding limit of {max_pixels} pixels")
-        if self.slg and (not math.isfinite(self.slg.scale) or not 0 <= self.slg.start < self.slg.end <= 1):
-            raise FastSD35Error(f"skip-layer guidance needs a finite scale and 0 <= start < end <= 1, got {self.slg}")
+                raise FastSD35Error(f"{name} {shown(value)} is beyond this model's position-embedding limit of {max_pixels} pixels")
+        if self.slg:
+            slg = self.slg
+            for name in ("scale", "start", "end", "cfg"):
+                check(f"slg_{name}" if name != "cfg" else "cfg", getattr(slg, name), f"skip-layer guidance {name}")
+            if not slg.start < slg.end:
+                raise FastSD35Error(f"skip-layer guidance needs start < end, got start {slg.start:g}, end {slg.end:g}")
+            layers = slg.layers
+            if not (isinstance(layers, tuple) and layers and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                  and 0 <= i < MAX_BLOCKS for i in layers)):
+                raise FastSD35Error(f"skip-layer guidance layers must be block numbers from 0 to {MAX_BLOCKS - 1}, "
+                                    f"got {shown(layers)}")
 
 
 PRESETS: dict[str, Preset] = {
@@ -126,8 +134,9 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
-# The SD3.5 Large ControlNets (chosen by the checkpoint's `control_type`, never by file name).
-CONTROL_TYPES = {0: "blur", 1: "canny", 2: "depth"}
+MAX_BLOCKS = 128  # weights.checkpoints.MAX_DEPTH: no transformer has more blocks
+
+# The SD3.5 Large ControlNets' settings (their kinds: models.controlnet.CONTROL_TYPES).
 CONTROLNET_SETTINGS = dict(shift=3.0, steps=60, cfg=3.5, sampler="euler")
 
 

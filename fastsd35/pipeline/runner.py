@@ -21,12 +21,24 @@ from ..models.vae import SDVAE, image_to_tensor, process_in, process_out, tensor
 from ..tiny import family as tiny
 from ..weights.checkpoints import find_model_files, load_transformer, transformer_config
 from ..weights.controlnet import load_controlnet
+from ..weights.lora import Fused, fuse_loras
 from ..weights.text_encoders import load_text_encoders
 from ..weights.vae import load_vae
 from . import hub, memory
+from .caching import CacheConfig, StepCache, config_from
 from .control import control_latent
 from .graphs import CUDAGraphPasses
-from .inputs import MAX_BATCH, check, check_device, check_image, check_prompts
+from .inputs import (
+    DTYPES,
+    MAX_BATCH,
+    check,
+    check_device,
+    check_image,
+    check_loras,
+    check_optional_bool,
+    check_path,
+    check_prompts,
+)
 from .presets import PRESETS, Preset, Settings, get_preset
 from .sampling import CFGDenoiser, get_sigmas, img2img_sigmas, initial_latent, make_noise, model_timestep, sample
 
@@ -53,11 +65,16 @@ class Generation:
     seeds: list[int]
     settings: Settings
     timings: dict[str, float] = field(default_factory=dict)
+    cache: dict | None = None  # the step cache's settings, decisions and passes computed (caching.StepCache.summary)
 
 
 class TransformerPass:
     """One transformer evaluation for the denoiser (`sampling.VelocityModel`): v = model(x, t, y, context) on the
-    model's device, t = model_timestep(sigma), with the ControlNet's residuals when `control` is given."""
+    model's device, t = model_timestep(sigma), with the ControlNet's residuals when `control` is given.
+
+    The step cache (fastsd35.pipeline.caching) runs a pass in stages: `head` (the first `blocks` blocks, and their
+    residual), then `tail` (the other blocks and the final layer, and their residual) or `reuse` (the final layer on
+    the head's output plus a kept tail residual). head + tail is the same computation as one call."""
 
     def __init__(self, transformer: MMDiTX, controlnet: ControlNet | None = None):
         self.transformer, self.controlnet = transformer, controlnet
@@ -66,12 +83,51 @@ class TransformerPass:
         device = self.transformer.device
         x, sigma = x.to(device), sigma.to(device)
         with on_device(device):  # Triton launches on the current device: make it the model's
-            residuals = None
-            if control is not None:
-                latent, strength = control
-                residuals = self.controlnet(self.transformer, x, sigma, y, latent, strength)
+            residuals = self._control(x, sigma, y, control)
             return self.transformer(x, model_timestep(sigma), y, context, controlnet_hidden_states=residuals,
                                     skip_layers=skip_layers)
+
+    def _control(self, x, sigma, y, control):
+        if control is None:
+            return None
+        latent, strength = control
+        return self.controlnet(self.transformer, x, sigma, y, latent, strength)
+
+    def head(self, x, sigma, y, context, *, blocks: int, control=None) -> dict[str, torch.Tensor]:
+        """The first `blocks` blocks: {"x", "context", "mods", "residual" (x out - x in, fp32), "hs0", "hs1", ... (the
+        ControlNet's residuals, when it runs)}, every value a tensor on the model's device."""
+        device = self.transformer.device
+        x, sigma = x.to(device), sigma.to(device)
+        with on_device(device):
+            hs = self._control(x, sigma, y, control)
+            state = self.transformer.embed(x, model_timestep(sigma), y, context, hs)
+            start = state.x
+            self.transformer.run_blocks(state, 0, blocks, hs)
+            head = {"x": state.x, "context": state.context, "mods": state.mods,
+                    "residual": state.x.float() - start.float()}
+            head.update((f"hs{i}", h) for i, h in enumerate(hs or ()))
+            return head
+
+    def tail(self, head: dict[str, torch.Tensor], *, blocks: int, hw) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks after the head's and the final layer: (v, the residual those blocks added, fp32)."""
+        with on_device(self.transformer.device):
+            state = self._state(head, hw)
+            hs = [head[f"hs{i}"] for i in range(sum(k.startswith("hs") for k in head))] or None
+            self.transformer.run_blocks(state, blocks, self.transformer.depth, hs)
+            return self.transformer.final(state), state.x.float() - head["x"].float()
+
+    def reuse(self, head: dict[str, torch.Tensor], tail_residual: torch.Tensor, *, hw) -> torch.Tensor:
+        """The final layer on the head's output plus a kept tail residual: v."""
+        with on_device(self.transformer.device):
+            state = self._state(head, hw)
+            state.x = (head["x"].float() + tail_residual).to(head["x"].dtype)
+            return self.transformer.final(state)
+
+    @staticmethod
+    def _state(head, hw):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(x=head["x"], context=head["context"], mods=head["mods"], hw=tuple(hw))
 
 
 class Pipeline:
@@ -95,17 +151,19 @@ class Pipeline:
         if use_graphs(graphs, transformer.device):
             self.model_pass = CUDAGraphPasses(self.model_pass, transformer.device)
         self.timings: dict[str, float] = {}
-        self.loras: list[tuple[str, float]] = []  # (file, scale) fused into the transformer, in order
+        self.loras: list[Fused] = []  # the LoRA files fused into the transformer, in order, with their SHA-256
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> "Pipeline":
         """Fuse a LoRA file (diffusers/PEFT or kohya/ComfyUI layout) into the transformer's weights: once, no cost
-        per step. A bad file raises FastSD35Error and leaves the weights unchanged. The fusion works on the weights as
-        loaded (full precision): a quantized (FP8) transformer must get its LoRAs before quantizing."""
+        per step. All or nothing: whatever fails (a bad file, out of memory, an interrupt), FastSD35Error or the
+        failure is raised with the weights exactly as they were (the weights a LoRA changes are copied to the CPU
+        while it is fused). The fusion works on the weights as loaded (full precision): a quantized (FP8)
+        transformer must get its LoRAs before quantizing."""
+        [(path, scale, _)] = check_loras([(path, scale)], "load_lora")
         if is_quantized(self.transformer):
             raise FastSD35Error("a LoRA cannot be fused into FP8 weights: pass it when loading "
                                 "(Pipeline.from_pretrained(..., loras=[(path, scale)]) or fastsd35 run --lora)")
-        _fuse_loras(self.transformer, [(path, scale)])
-        self.loras.append((str(path), float(scale)))
+        self.loras += fuse_loras(self.transformer, [(path, scale)], atomic=True)
         return self
 
     # -- construction ------------------------------------------------------------------------------------------
@@ -137,10 +195,11 @@ class Pipeline:
         (`control_type` names its kind when the files do not). `dtype="fp8"`: the transformer's (and ControlNet's)
         block Linears in FP8 (fastsd35.models.fp8), everything else in the device's default dtype. `loras`: (file,
         scale) pairs fused into the transformer as it is loaded (see `load_lora`), before any FP8 quantization."""
-        preset = get_preset(preset) if isinstance(preset, str) else preset
+        preset = _check_preset(preset)
         if not isinstance(model, (str, Path)):
             raise FastSD35Error(f"model must be a path (str or Path), got {type(model).__name__}")
         device, dtype = check_load_options(device, dtype, t5, t5_tokens)
+        controlnet, loras = _check_extras(fast, graphs, controlnet, control_type, loras)
         if text_encoder_device != "auto":
             check_device(text_encoder_device, "text_encoder_device")
         name = None if isinstance(model, Path) else hub.parse_hub_name(model)  # a Path is always local
@@ -167,7 +226,7 @@ class Pipeline:
             fuse_first = bool(loras) and is_fp8(dtype)
             transformer = load_transformer(files.transformer, dtype=default_dtype(device) if fuse_first else dtype,
                                            device=device, model_cls=FastMMDiTX if fast else MMDiTX)
-            _fuse_loras(transformer, loras)
+            fused = fuse_loras(transformer, loras, atomic=False)  # a failed load keeps nothing
             if fuse_first:
                 quantize_(transformer)
             cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type, dtype=dtype, device=device)
@@ -181,7 +240,7 @@ class Pipeline:
             )
         pipe = cls(transformer, vae, text, preset, controlnet=cn, graphs=graphs)
         pipe.timings.update(timings)
-        pipe.loras = [(str(path), float(scale)) for path, scale in loras]
+        pipe.loras = fused
         return pipe
 
     @classmethod
@@ -193,24 +252,28 @@ class Pipeline:
         code from `seed` (seconds on a CPU), optionally with a ControlNet file made for it
         (`tiny.write_tiny_controlnet`)."""
         if name == "tiny":
+            check("seed", seed, "seed")  # unused by the trained model, checked all the same
             return cls.from_pretrained(tiny.trained_model_dir(), "tiny", device=device, dtype=dtype, t5=t5,
                                        t5_tokens=t5_tokens, graphs=graphs, controlnet=controlnet,
                                        control_type=control_type, loras=loras)  # fmt: skip
         if name != "tiny_random":
+            get_preset(name)  # an unknown name says so
             raise FastSD35Error(f"preset {name!r} needs checkpoint files: use Pipeline.from_pretrained(model, {name!r})")
         device, dtype = check_load_options(device, dtype, t5, t5_tokens)
+        controlnet, loras = _check_extras(True, graphs, controlnet, control_type, loras)
+        seed = check("seed", seed, "seed")
         timings = {}
         with _stage("load", timings, device):
             fp8, dtype = is_fp8(dtype), default_dtype(device) if is_fp8(dtype) else dtype
             transformer, vae, text = tiny.tiny_components(seed, device=device, dtype=dtype, t5=t5, t5_tokens=t5_tokens)
-            _fuse_loras(transformer, loras)  # before quantizing: LoRAs fuse into full-precision weights
+            fused = fuse_loras(transformer, loras, atomic=False)  # before quantizing: LoRAs fuse into full precision
             if fp8:
                 quantize_(transformer)
             cn = None if controlnet is None else load_controlnet(controlnet, control_type=control_type,
                                                                  dtype="fp8" if fp8 else dtype, device=device)
         pipe = cls(transformer, vae, text, "tiny_random", controlnet=cn, graphs=graphs)
         pipe.timings.update(timings)
-        pipe.loras = [(str(path), float(scale)) for path, scale in loras]
+        pipe.loras = fused
         return pipe
 
     @property
@@ -249,6 +312,8 @@ class Pipeline:
         control_strength: float = 1.0,
         progress: bool = True,
         denoiser_cls=CFGDenoiser,
+        cache: bool | CacheConfig | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> Generation:
         """One batch: a prompt repeated `batch_size` times, or a list of prompts (one image each). Image i uses
         seed + i. Unset settings come from the preset (None: the preset's value; `denoise` defaults to 0.8 with an
@@ -256,7 +321,11 @@ class Pipeline:
         With a ControlNet, `control_image` (an image, or a latent from `encode_control`) steers every image with
         `control_strength` (1.0 as the reference). `denoiser_cls` builds the guidance denoiser (CFGDenoiser's
         signature): `functools.partial(CFGDenoiser, split=True)` runs cond and uncond as two passes, and
-        fastsd35.pipeline.distributed passes its CFG-parallel pair here."""
+        fastsd35.pipeline.distributed passes its CFG-parallel pair here. `cache` (True, or a caching.CacheConfig)
+        caches the later blocks' work from step to step (see fastsd35.pipeline.caching; off by default: None or
+        False); the result's `cache` then says which steps were computed and how many passes. `seeds`: one seed per
+        image instead of seed + i (a server's batch of several requests); `seed` still seeds the init and control
+        images."""
         check("batch_size", batch_size, "batch_size")
         prompts = check_prompts([prompt] * batch_size if isinstance(prompt, str) else prompt, "prompt")
         negatives = check_prompts([negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt,
@@ -273,6 +342,9 @@ class Pipeline:
         if control_image is not None and not isinstance(control_image, (Image.Image, torch.Tensor)):
             check_image(control_image, "control_image")
         control_strength = check("control_strength", control_strength, "control_strength")
+        cache_config = config_from(cache)
+        if cache_config is not None:
+            cache_config.checked(self.transformer.depth)
         s = self.preset.resolve(
             steps=steps, cfg=cfg, shift=shift, sampler=sampler, width=width, height=height, slg=slg,
             denoise=(0.8 if denoise is None else denoise) if init_image is not None else 1.0, max_pixels=self.max_pixels,
@@ -283,7 +355,12 @@ class Pipeline:
             raise FastSD35Error("a ControlNet needs a control image" if control_image is None
                                 else "a control image needs a ControlNet (--controlnet)")
         B, timings, device = len(prompts), {}, self.device
-        seeds = [seed + i for i in range(B)]
+        if seeds is None:
+            seeds = [seed + i for i in range(B)]
+        elif isinstance(seeds, (list, tuple)) and len(seeds) == B:
+            seeds = [check("seed", one, "seed") for one in seeds]
+        else:
+            raise FastSD35Error(f"seeds must be a list of one seed per image ({B}), got {seeds!r}")
 
         with _stage("encode", timings, device):
             guided = s.cfg > 1
@@ -304,9 +381,12 @@ class Pipeline:
                 if isinstance(control_image, Image.Image):
                     control_image = self.encode_control(control_image, s.width, s.height, seed)
                 control = (control_image.to(device), torch.tensor(float(control_strength), device=device))
-            noise = make_noise(seed, B, (16, s.height // 8, s.width // 8))
+            noise = torch.cat([make_noise(one, 1, (16, s.height // 8, s.width // 8)) for one in seeds])
             x = initial_latent(sigmas[0].to(device), noise.to(device), latent)
-            denoiser = denoiser_cls(self.model_pass, cond, uncond, s.cfg, s.steps, s.slg, control)
+            step_cache = None
+            if cache_config is not None:
+                step_cache = StepCache(cache_config.checked(self.transformer.depth, len(sigmas) - 1), len(sigmas) - 1)
+            denoiser = denoiser_cls(self.model_pass, cond, uncond, s.cfg, s.steps, s.slg, control, cache=step_cache)
             x = sample(s.sampler, denoiser, x, sigmas, progress)
             check_finite(x, "sampling", s, control_strength if control is not None else None)
 
@@ -315,7 +395,7 @@ class Pipeline:
             check_finite(decoded, "decoding", s, None)
             images = tensor_to_images(decoded)
         self.timings.update(timings)
-        return Generation(images, prompts, negatives, seeds, s, timings)
+        return Generation(images, prompts, negatives, seeds, s, timings, step_cache and step_cache.summary())
 
     def _make_room_for_sampling(self):
         """Text encoders on a GPU that is short of memory for sampling move to the CPU (and encode there from now on)."""
@@ -342,13 +422,23 @@ class Pipeline:
         return process_in(self.vae.encode(pixels, generator).float().cpu())
 
 
-def _fuse_loras(transformer: MMDiTX, loras):
-    """LoRAs go into the weights right after loading, at full precision: anything that quantizes the transformer (FP8)
-    must come after this."""
-    from ..weights.lora import fuse_lora
+def _check_preset(preset) -> Preset | None:
+    if preset is None or isinstance(preset, Preset):
+        return preset
+    if isinstance(preset, str):
+        return get_preset(preset)
+    raise FastSD35Error(f"preset must be a preset name ({', '.join(PRESETS)}) or a Preset, got {type(preset).__name__}")
 
-    for path, scale in loras:
-        fuse_lora(transformer, path, scale)
+
+def _check_extras(fast, graphs, controlnet, control_type, loras):
+    """The loading options beside the model, checked before anything is read: (controlnet path or None, LoRAs)."""
+    if not isinstance(fast, bool):
+        raise FastSD35Error(f"fast must be True or False, got {fast!r}")
+    check_optional_bool(graphs, "graphs")
+    controlnet = None if controlnet is None else check_path(controlnet, "controlnet")
+    if control_type is not None and (isinstance(control_type, bool) or not isinstance(control_type, (str, int))):
+        raise FastSD35Error(f"control_type must be blur, canny or depth, got {type(control_type).__name__}")
+    return controlnet, check_loras(loras, "loras")
 
 
 @contextmanager
@@ -376,8 +466,10 @@ def check_load_options(device, dtype, t5, t5_tokens) -> tuple[torch.device, torc
     """The device (default: CUDA when available) and dtype (default: bf16 on CUDA, fp32 on CPU) a pipeline loads
     with, after checking them and the T5 options (FastSD35Error before anything is read)."""
     device = check_device(device) if device is not None else default_device()
-    if dtype is not None and not is_fp8(dtype) and dtype not in MODEL_DTYPES:
-        raise FastSD35Error(f"dtype must be one of {', '.join(map(str, MODEL_DTYPES))} or 'fp8', got {dtype!r}")
+    if isinstance(dtype, str) and dtype in DTYPES:  # the names --dtype takes
+        dtype = "fp8" if is_fp8(DTYPES[dtype]) else DTYPES[dtype]
+    if dtype is not None and not is_fp8(dtype) and not any(dtype is d for d in MODEL_DTYPES):
+        raise FastSD35Error(f"dtype must be one of {', '.join(DTYPES)} or a torch dtype of those, got {dtype!r}")
     if not isinstance(t5, bool):
         raise FastSD35Error(f"t5 must be True or False, got {t5!r}")
     check("t5_tokens", t5_tokens, "t5_tokens")

@@ -49,6 +49,12 @@ def img2img_sigmas(sigmas: torch.Tensor, denoise: float) -> torch.Tensor:
     return sigmas[int(steps * (1 - denoise)) :]
 
 
+def sampler_steps(settings) -> int:
+    """How many steps the sampler runs for `settings` (presets.Settings): img2img's shortened schedule counts."""
+    sigmas = get_sigmas(settings.shift, settings.steps)
+    return len(img2img_sigmas(sigmas, settings.denoise) if settings.denoise < 1 else sigmas) - 1
+
+
 def make_noise(seed: int, batch: int, shape: Sequence[int]) -> torch.Tensor:
     """(batch, *shape) float32 noise on the CPU; image i is drawn from a generator seeded with seed + i, so a seed
     gives the same noise on any device and at any batch size."""
@@ -112,13 +118,15 @@ class CFGDenoiser:
     on a CPU a batch of 2B rounds a sample's GEMMs differently from a batch of B (last-bit differences). `steps` is
     the full configured step count (img2img included), against which SLG's start/end are measured; `step` counts
     denoiser calls from 0. `control` (ControlNet inputs) goes to the guidance passes, not to the skip-layer pass,
-    as in the reference.
+    as in the reference. `cache` (a caching.StepCache) caches the guidance passes' later blocks from step to step;
+    the model is then a staged pass (runner.TransformerPass: head, tail, reuse).
     """
 
     def __init__(self, model: VelocityModel, cond, uncond, cfg: float, steps: int, slg: SLGConfig | None = None,
-                 control=None, split: bool = False):
+                 control=None, split: bool = False, cache=None):
         self.model, self.cfg, self.steps, self.slg, self.control, self.split = model, cfg, steps, slg, control, split
         (self.context, self.y), self.uncond = cond, uncond
+        self.cache = cache
         self.batched = cfg > 1 and not split  # cond and uncond as one pass of 2B
         if self.batched:
             self.batched_context = torch.cat([cond[0], uncond[0]])
@@ -131,21 +139,51 @@ class CFGDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
         skip = self.slg is not None and self.slg.active(step, self.steps)
-        return self.combine(*self.passes(x, sigma, skip))
+        return self.combine(*self.passes(x, sigma, skip, step))
 
-    def passes(self, x, sigma, skip: bool):
-        """The denoised outputs of this step's passes: (cond, uncond or None when cfg <= 1, skip-layer or None)."""
-        neg = skipped = None
+    def guidance(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """This process's guidance passes, in order: (copies of x, context, pooled)."""
         if self.batched:
-            both = self.denoise(torch.cat([x, x]), sigma, self.batched_context, self.batched_y, control=self.control)
-            pos, neg = both.chunk(2)
+            return [(2, self.batched_context, self.batched_y)]
+        return [(1, self.context, self.y)] + ([(1, *self.uncond)] if self.cfg > 1 else [])
+
+    def run_guidance(self, x, sigma, step: int, passes, gather=None) -> list[torch.Tensor]:
+        """The denoised outputs of `passes` (see `guidance`). With a cache, one decision for all of them: their heads
+        run, then either their tails or the kept tail residuals; `gather` lets the passes of other processes (a
+        CFG-parallel pair) count in the decision."""
+        inputs = [(torch.cat([x] * n) if n > 1 else x, context, y) for n, context, y in passes]
+        if self.cache is None:
+            return [self.denoise(xi, sigma, context, y, control=self.control) for xi, context, y in inputs]
+        s, blocks = model_sigma(sigma), self.cache.config.blocks
+        xs = [xi.float() for xi, _, _ in inputs]
+        heads = [self.model.head(xi, s.expand(xi.shape[0]), y, context, blocks=blocks, control=self.control)
+                 for xi, (_, context, y) in zip(xs, inputs)]  # fmt: skip
+        compute = self.cache.decide(step, [h["residual"] for h in heads], gather)
+        outs = []
+        for i, (xi, head) in enumerate(zip(xs, heads)):
+            if compute:
+                v, tail = self.model.tail(head, blocks=blocks, hw=xi.shape[-2:])
+                self.cache.keep(i, step, tail)
+            else:
+                v = self.model.reuse(head, self.cache.tail(i, step), hw=xi.shape[-2:])
+            outs.append(xi - v.float() * s)
+        return outs
+
+    def passes(self, x, sigma, skip: bool, step: int = 0):
+        """The denoised outputs of this step's passes: (cond, uncond or None when cfg <= 1, skip-layer or None)."""
+        outs = self.run_guidance(x, sigma, step, self.guidance())
+        if self.batched:
+            pos, neg = outs[0].chunk(2)
         else:
-            pos = self.denoise(x, sigma, self.context, self.y, control=self.control)
-            if self.cfg > 1:
-                neg = self.denoise(x, sigma, *self.uncond, control=self.control)
-        if skip:
-            skipped = self.denoise(x, sigma, self.context, self.y, skip_layers=self.slg.layers)
+            pos, neg = outs[0], (outs[1] if len(outs) > 1 else None)
+        skipped = self.skip_pass(x, sigma) if skip else None
         return pos, neg, skipped
+
+    def skip_pass(self, x, sigma):
+        """The cond-only pass without the SLG layers (never cached; counted as a computed pass)."""
+        if self.cache is not None:
+            self.cache.count_full_pass()
+        return self.denoise(x, sigma, self.context, self.y, skip_layers=self.slg.layers)
 
     def combine(self, pos, neg, skipped):
         """neg + (pos - neg) * cfg (pos alone when cfg <= 1), plus (pos - skipped) * scale when SLG is active."""
@@ -160,11 +198,18 @@ class CFGDenoiser:
 Denoiser = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
+def _steps(n: int, progress: bool):
+    """range(n) under a progress bar that is closed however the loop ends (the `with`): an interrupt's message then
+    starts on a line of its own, not on the bar's."""
+    return tqdm(range(n), disable=not progress, desc="sampling")
+
+
 def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = True) -> torch.Tensor:
     """x += (x - D)/sigma_i * (sigma_{i+1} - sigma_i) per step."""
-    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
-        denoised = denoiser(x, sigmas[i], i)
-        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    with _steps(len(sigmas) - 1, progress) as steps:
+        for i in steps:
+            denoised = denoiser(x, sigmas[i], i)
+            x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
     return x
 
 
@@ -175,19 +220,20 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, p
     the reference."""
     old = None
     t = -sigmas.log()  # t[-1] = inf for the final sigma 0
-    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
-        denoised = denoiser(x, sigmas[i], i)
-        h = t[i + 1] - t[i]
-        if old is None or sigmas[i + 1] == 0:
-            d = denoised
-        else:
-            r = (t[i] - t[i - 1]) / h
-            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
-        ratio = (-t[i + 1]).exp() / (-t[i]).exp()
-        if x.dtype == torch.float16:  # the fp16 start: a 0-d tensor on x's device times it is an fp16 product
-            ratio = ratio.to(x.device)
-        x = ratio * x - torch.expm1(-h) * d
-        old = denoised
+    with _steps(len(sigmas) - 1, progress) as steps:
+        for i in steps:
+            denoised = denoiser(x, sigmas[i], i)
+            h = t[i + 1] - t[i]
+            if old is None or sigmas[i + 1] == 0:
+                d = denoised
+            else:
+                r = (t[i] - t[i - 1]) / h
+                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+            ratio = (-t[i + 1]).exp() / (-t[i]).exp()
+            if x.dtype == torch.float16:  # the fp16 start: a 0-d tensor on x's device times it is an fp16 product
+                ratio = ratio.to(x.device)
+            x = ratio * x - torch.expm1(-h) * d
+            old = denoised
     return x
 
 

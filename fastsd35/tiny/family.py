@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import FastSD35Error
+from ..files import is_file
 from ..models.controlnet import ControlNet, ControlNetConfig, control_type_id
 from ..models.mmditx import FastMMDiTX, MMDiTXConfig
 from ..models.text_encoders import TextEncoders, clip_config, t5_config
@@ -40,7 +41,7 @@ TRAINED_MODEL_DIR = Path(__file__).resolve().parent / "trained"
 
 def trained_model_dir() -> Path:
     """The shipped model folder of the `tiny` preset; FastSD35Error when this installation lacks it."""
-    if not (TRAINED_MODEL_DIR / "tiny.safetensors").is_file():
+    if not is_file(TRAINED_MODEL_DIR / "tiny.safetensors"):
         raise FastSD35Error(f"the tiny model is missing from this installation ({TRAINED_MODEL_DIR}): reinstall "
                             f"fastsd35, or rebuild it with python -m fastsd35.tiny.train --out {TRAINED_MODEL_DIR}")
     return TRAINED_MODEL_DIR

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
-from ..files import open_regular
+from ..files import exists, is_dir, is_file, open_regular
 from ..models.devices import default_device, default_dtype
 from ..models.mmditx import MMDiTX, MMDiTXConfig
 from .loading import load_module
@@ -39,19 +39,31 @@ MAX_DIM = 2**31  # no tensor of any released model comes near; 0 is an empty ten
 MAX_DEPTH = 128  # transformer blocks (the released models have 24 to 38)
 
 
-def safetensors_header(path: Path) -> dict[str, dict]:
+def safetensors_header(path: Path, what: str = "checkpoint") -> dict[str, dict]:
     """The tensor entries of a safetensors file's header, after checking that the file is safetensors, complete and
     consistent: a JSON object of entries with a known dtype, a shape of non-negative integers and integer offsets that
     tile the data exactly (no overlap, no gap, byte counts matching the shapes), so that no crafted header can make
     anything allocate more than the file holds. The format is recognised from the header itself, so every file the
     `safetensors` library reads is accepted; zip and pickle files (PyTorch checkpoints) are named as such. Nothing
-    here unpickles or executes anything from the file."""
+    here unpickles or executes anything from the file. `what` names the file in messages."""
     path = Path(path)
-    with open_regular(path, "checkpoint", CheckpointError) as f:
+    with open_regular(path, what, CheckpointError) as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
         text = f.read(min(n, size - 8)) if 2 <= n <= _MAX_HEADER else b""
+    return _parse_header(head, n, text, size, path)
+
+
+def header_from_bytes(data: bytes, path: Path) -> dict[str, dict]:
+    """`safetensors_header` for a file already read whole (`path` names it in messages)."""
+    head = data[:8]
+    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+    text = data[8 : 8 + min(n, len(data) - 8)] if 2 <= n <= _MAX_HEADER else b""
+    return _parse_header(head, n, text, len(data), path)
+
+
+def _parse_header(head: bytes, n: int, text: bytes, size: int, path: Path) -> dict[str, dict]:
     if text.lstrip()[:1] not in (b"{", b"["):  # a JSON header (an object, or the list a crafted file may hold)
         raise CheckpointError(f"{path}: {_not_safetensors(head)}; fastsd35 only reads .safetensors files")
     if 8 + n > size:
@@ -319,7 +331,7 @@ def diffusers_weight_headers(folder: Path, stem: str = "diffusion_pytorch_model"
     `stem` is the weight file name without extension: diffusers models use the default, transformers models `model`."""
     index = folder / f"{stem}.safetensors.index.json"
     single = folder / f"{stem}.safetensors"
-    if index.is_file():
+    if is_file(index):
         try:
             with open_regular(index, "shard index", CheckpointError) as f:
                 weight_map = json.loads(f.read(_MAX_HEADER + 1))["weight_map"]
@@ -332,10 +344,10 @@ def diffusers_weight_headers(folder: Path, stem: str = "diffusion_pytorch_model"
             raise CheckpointError(f"{index}: weight_map must map tensor names to .safetensors file names in this folder")
         shards = sorted({folder / name for name in weight_map.values()})
         for path in shards:
-            if not path.is_file():
+            if not is_file(path):
                 raise CheckpointError(f"{path}: shard listed in {index.name} is missing")
         return {path: safetensors_header(path) for path in shards}
-    if single.is_file():
+    if is_file(single):
         return {single: safetensors_header(single)}
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
     if pickles:
@@ -348,8 +360,8 @@ def diffusers_weight_headers(folder: Path, stem: str = "diffusion_pytorch_model"
 def diffusers_component_folder(path: Path, component: str) -> Path:
     """The folder of diffusers component `component` ("transformer", "vae"): `path/component` when `path` is a pipeline
     folder, else `path` itself, which must then be a diffusers model folder (CheckpointError otherwise)."""
-    folder = path / component if (path / component).is_dir() else path
-    if not (folder / "config.json").is_file() and not any(folder.glob("diffusion_pytorch_model*")):
+    folder = path / component if is_dir(path / component) else path
+    if not is_file(folder / "config.json") and not any(folder.glob("diffusion_pytorch_model*")):
         found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
         raise CheckpointError(
             f"{path}: not a diffusers model folder (expected {component}/ with diffusion_pytorch_model*.safetensors); "
@@ -365,9 +377,9 @@ def open_transformer(path) -> TensorSource | DiffusersTransformerSource:
     """The transformer tensors at `path`, in the official layout: an official single file (`model.diffusion_model.*`,
     other prefixes ignored), a bare transformer state dict file, a diffusers model folder or its `transformer/`."""
     path = Path(path)
-    if path.is_dir():
+    if is_dir(path):
         return DiffusersTransformerSource.from_folder(diffusers_component_folder(path, "transformer"))
-    if not path.exists():
+    if not exists(path):
         raise CheckpointError(f"{path}: no such file or folder; expected an SD3/SD3.5 .safetensors checkpoint or a diffusers folder")
     keys = safetensors_header(path)
     if any(k.startswith(TRANSFORMER_PREFIX) for k in keys):
@@ -393,17 +405,17 @@ def find_model_files(model, preset) -> ModelFiles:
     """Resolve `model` (an official single file, a folder laid out as the official release, or a diffusers
     folder) for `preset` (a presets.Preset): the official folder must hold one of the preset's checkpoint names."""
     path = Path(model)
-    if path.is_file():
+    if is_file(path):
         return ModelFiles(path, path, path)
-    if not path.is_dir():
+    if not is_dir(path):
         raise CheckpointError(
             f"{path}: no such file or folder; expected a folder with {' or '.join(preset.checkpoints) or 'the checkpoint'} "
             "(and clip_g.safetensors, clip_l.safetensors, t5xxl_fp16.safetensors), a checkpoint file, or a diffusers folder"
         )
-    if (path / "model_index.json").is_file() or (path / "transformer").is_dir():
+    if is_file(path / "model_index.json") or is_dir(path / "transformer"):
         return ModelFiles(path, path, path)
     for name in preset.checkpoints:
-        if (path / name).is_file():
+        if is_file(path / name):
             return ModelFiles(path / name, path / name, path / name)
     found = sorted(p.name for p in path.glob("*.safetensors"))
     raise CheckpointError(

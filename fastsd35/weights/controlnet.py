@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import torch
 
 from ..errors import CheckpointError
+from ..files import exists, is_dir
 from ..models.controlnet import CONTROL_TYPES, ControlNet, ControlNetConfig, control_type_id
 from ..models.devices import default_device, default_dtype
 from .checkpoints import TensorSource, diffusers_component_folder, diffusers_weight_headers, safetensors_header
@@ -64,10 +65,10 @@ def open_controlnet(path) -> TensorSource:
     """The ControlNet tensors at `path` in the official layout: a released file (keys without prefix), a diffusers
     SD3ControlNetModel weight file, or a diffusers folder (the model folder or a pipeline's `controlnet/`)."""
     path = Path(path)
-    if path.is_dir():
+    if is_dir(path):
         folder = diffusers_component_folder(path, "controlnet")
         return DiffusersControlNetSource(diffusers_weight_headers(folder), label=str(folder))
-    if not path.exists():
+    if not exists(path):
         raise CheckpointError(
             f"{path}: no such file or folder; expected an SD3.5 ControlNet .safetensors file or a diffusers folder"
         )

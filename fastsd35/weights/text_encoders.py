@@ -11,6 +11,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..errors import CheckpointError
+from ..files import exists, is_dir, is_file
 from ..models.devices import default_device, default_dtype
 from ..models.strict import check_keys_and_shapes
 from ..models.text_encoders import (
@@ -84,7 +85,7 @@ def _official_files(folder: Path, name: str) -> list[Path]:
         files += [where / f for f in OFFICIAL_FILES[name]]
         if name == "t5xxl":
             files += [p for p in sorted(where.glob("t5xxl*.safetensors")) if p not in files]
-    return [p for p in files if p.is_file()]
+    return [p for p in files if is_file(p)]
 
 
 def find_text_encoder_weights(model_path, names: Sequence[str] = ENCODERS) -> tuple[dict[str, object], Path]:
@@ -94,10 +95,10 @@ def find_text_encoder_weights(model_path, names: Sequence[str] = ENCODERS) -> tu
     folder; `text_encoders.*` keys in another .safetensors file of the folder. Raises one CheckpointError naming all
     that is missing and where it looked."""
     path = Path(model_path)
-    if not path.exists():
+    if not exists(path):
         raise CheckpointError(f"{path}: no such file or folder; expected a model folder or an SD3 .safetensors checkpoint")
-    folder = path if path.is_dir() else path.parent
-    singles = [path] if path.is_file() else []
+    folder = path if is_dir(path) else path.parent
+    singles = [path] if is_file(path) else []
     headers: dict[Path, dict] = {}
 
     def single_source(name):
@@ -115,7 +116,7 @@ def find_text_encoder_weights(model_path, names: Sequence[str] = ENCODERS) -> tu
         official = _official_files(folder, name)
         if singles and (source := single_source(name)) is not None:
             sources[name] = source
-        elif diffusers.is_dir():
+        elif is_dir(diffusers):
             sources[name] = TensorSource(diffusers_weight_headers(diffusers, "model"), label=str(diffusers))
         elif official:
             sources[name] = TensorSource.from_file(official[0])
@@ -159,7 +160,7 @@ def load_text_encoders(model_path, *, device=None, dtype=None, t5: bool = True, 
             stack.enter_context(source)
         tokenizer_l = find_tokenizer("clip", [folder / TOKENIZER_FOLDERS["clip_l"]])
         folder_g = folder / TOKENIZER_FOLDERS["clip_g"]
-        tokenizer_g = find_tokenizer("clip", [folder_g]) if folder_g.is_dir() else tokenizer_l
+        tokenizer_g = find_tokenizer("clip", [folder_g]) if is_dir(folder_g) else tokenizer_l
         tokenizer_t5 = find_tokenizer("t5", [folder / TOKENIZER_FOLDERS["t5xxl"]]) if t5 else None
         clip_l = load_clip(sources["clip_l"], "clip_l", device=device, dtype=dtype)
         clip_g = load_clip(sources["clip_g"], "clip_g", device=device, dtype=dtype)

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from ..errors import CheckpointError
+from ..files import exists, is_dir
 from ..models.devices import default_device, default_dtype
 from ..models.vae import SDVAE, VAEConfig
 from .checkpoints import TensorSource, diffusers_component_folder, diffusers_weight_headers, safetensors_header
@@ -74,10 +75,10 @@ def open_vae(path) -> TensorSource:
     (`first_stage_model.*`; other prefixes ignored), a separate VAE file with or without that prefix (training-only
     `loss.*` tensors ignored, as the reference does), a diffusers-layout VAE file, or a diffusers folder or its `vae/`."""
     path = Path(path)
-    if path.is_dir():
+    if is_dir(path):
         folder = diffusers_component_folder(path, "vae")
         return DiffusersVAESource(diffusers_weight_headers(folder), label=str(folder))
-    if not path.exists():
+    if not exists(path):
         raise CheckpointError(
             f"{path}: no such file or folder; expected an SD3/SD3.5 .safetensors checkpoint, a VAE .safetensors file "
             "or a diffusers folder"

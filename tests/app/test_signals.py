@@ -59,3 +59,26 @@ def test_sighup_while_writing(tmp_path):
     assert proc.returncode == 128 + signal.SIGHUP == 129, proc.stderr.decode()
     assert last_line(proc.stderr) == "fastsd35: SIGHUP received: stopped, nothing partial written"
     assert list(tmp_path.iterdir()) == []  # no PNG, no partial file, no folder this run made
+
+
+@pytest.mark.parametrize("half_made", [False, True])
+def test_the_message_has_a_line_of_its_own_whatever_bar_is_open(monkeypatch, capsys, half_made):
+    """A signal can land while a progress bar is being made or drawn, leaving it open on the terminal's line: the
+    message closes every open bar first, so it always starts a line of its own (deterministically, not by timing).
+    `half_made`: the signal landed inside tqdm's constructor after the bar drew itself (it has no last_print_t, and
+    tqdm's own close() then leaves the line open)."""
+    from tqdm import tqdm
+
+    from fastsd35.app import cli
+
+    def interrupted_while_drawing(args):
+        bar = tqdm(total=1000, desc="sampling", mininterval=0)  # drawn and never closed: the traceback keeps it
+        if half_made:
+            del bar.last_print_t
+        raise cli.Terminated(signal.SIGTERM) if bar else None
+
+    monkeypatch.setattr(cli, "run_command", interrupted_while_drawing)
+    assert cli.main(ARGS) == 143
+    err = capsys.readouterr().err
+    assert err.split("\n")[-2:] == ["fastsd35: SIGTERM received: stopped, nothing partial written", ""], repr(err)
+    assert "sampling:" in err

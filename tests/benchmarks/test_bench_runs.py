@@ -44,6 +44,7 @@ def bad_outs(tmp_path: Path) -> dict:
     proc = {Path("/proc/fastsd35-bench"): "cannot write in /proc"} if Path("/proc/self").exists() else {}
     return proc | {
         tmp_path / "dangling": f"{tmp_path / 'dangling'} is a link to nothing",
+        tmp_path / "a\0b": "a path cannot hold a NUL byte",
         tmp_path / "dangling" / "sub": f"{tmp_path / 'dangling'} is a link to nothing",
         tmp_path / "file": "is a file, not a folder",
         tmp_path / "fifo": "is a FIFO, not a folder",

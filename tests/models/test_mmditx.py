@@ -9,7 +9,6 @@ from helpers.models import TINY_CONFIGS, inputs, make_diffusers, make_model, run
 
 from fastsd35 import CheckpointError, kernels
 from fastsd35.models.mmditx import CONFIGS, FastMMDiTX, MMDiTX, MMDiTXConfig
-from fastsd35.tiny.family import randomize_
 
 
 @torch.no_grad()

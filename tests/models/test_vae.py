@@ -10,7 +10,6 @@ from helpers.diffusers_ref import require_diffusers
 from helpers.models import diffusers_vae_config, make_diffusers_vae as make_diffusers, make_vae
 
 from fastsd35 import CheckpointError
-from fastsd35.tiny.family import randomize_
 from fastsd35.models.vae import LATENT_SCALE, LATENT_SHIFT, SDVAE, VAEConfig, image_to_tensor, process_in, process_out, tensor_to_images
 from fastsd35.tiny.family import TINY_VAE_CONFIG
 from fastsd35.weights.vae import load_vae

@@ -230,6 +230,36 @@ def test_cfg_parallel_with_skip_layer_guidance_from_python(tmp_path):
             np.testing.assert_array_equal(np.load(tmp_path / f"pair{rank}_{j}.npy"), np.asarray(split.images[0]))
 
 
+def test_a_cfg_parallel_pair_decides_the_step_cache_as_one_process(tmp_path):
+    """Both ranks of a pair sum the same per-pass distances in the same order: their decisions agree with each other
+    and with one process running the two passes, and so do the images (bit for bit)."""
+    from fastsd35.pipeline.caching import CacheConfig
+
+    settings = dict(steps=8, width=64, height=48, seed=3, cache=CacheConfig(threshold=0.6, warmup=1, max_skip=2))
+
+    def pair(rank):
+        from fastsd35.pipeline.runner import Pipeline
+
+        ranks = distributed.init("cpu", cfg_parallel=True, timeout=TIMEOUT_S)
+        pipe = Pipeline.from_preset("tiny_random", device=ranks.device)
+        for j, gen in distributed.generate(pipe, ranks, ["a red cube"], **settings):
+            np.save(tmp_path / f"cache{rank}.npy", np.asarray(gen.images[0]))
+            print(gen.cache["schedule"])
+        distributed.close()
+        return 0
+
+    ranks = launch(pair, tmp_path)
+    assert [r.code for r in ranks] == [0, 0], ranks
+    from fastsd35.pipeline.runner import Pipeline
+
+    one = Pipeline.from_preset("tiny_random", device="cpu").generate(
+        "a red cube", denoiser_cls=partial(CFGDenoiser, split=True), progress=False, **settings)
+    assert ranks[0].out.split() == ranks[1].out.split() == [one.cache["schedule"]]
+    assert "R" in one.cache["schedule"] and "C" in one.cache["schedule"][1:-1], one.cache  # a real mix of decisions
+    for rank in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / f"cache{rank}.npy"), np.asarray(one.images[0]))
+
+
 # -- failures -----------------------------------------------------------------------------------------------------
 
 
@@ -280,7 +310,8 @@ def test_cfg_parallel_needs_an_even_number_of_ranks(tmp_path, monkeypatch, capsy
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--dist-timeout", "0", "--dist-timeout must be between 0 and"), ("--dist-timeout", "nan", "--dist-timeout must be"),
+    ("--dist-timeout", "0", "--dist-timeout must be a finite number in (0, 604800], got 0.0"),
+    ("--dist-timeout", "nan", "--dist-timeout must be"), ("--dist-timeout", "inf", "--dist-timeout must be"),
     ("--dist-timeout", "-5", "--dist-timeout must be"), ("--dist-timeout", "1e300", "--dist-timeout must be"),
     ("--device", "mps", "torchrun jobs run on cuda (NCCL) or cpu (gloo)"), ("--device", "nonsense", "unknown device"),
 ])
@@ -293,6 +324,46 @@ def test_rank_options_are_checked_before_joining(tmp_path, monkeypatch, capsys, 
     monkeypatch.delenv("RANK")
     with pytest.raises(FastSD35Error, match="RANK and WORLD_SIZE"):
         distributed.init("cpu")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "x"}, "the environment's WORLD_SIZE is 'x': torchrun sets it to a whole number from 1 to"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE is '0'"), ({"WORLD_SIZE": "-2"}, "WORLD_SIZE is '-2'"),
+    ({"WORLD_SIZE": "1" + "0" * 40}, "WORLD_SIZE is '1000"), ({"WORLD_SIZE": "2.5"}, "WORLD_SIZE is '2.5'"),
+    ({"WORLD_SIZE": "2", "RANK": "x"}, "the environment's RANK is 'x': torchrun sets it to a whole number from 0 to 1"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK is '2'"), ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK is '-1'"),
+    ({"WORLD_SIZE": "2"}, "not started by torchrun: RANK and WORLD_SIZE are not set"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "x"}, "LOCAL_RANK is 'x'"),
+])  # fmt: skip
+def test_a_broken_torchrun_environment_is_one_line(tmp_path, monkeypatch, capsys, env, message):
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert run(*FAST, "--prompt", "a cube", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastsd35: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dist_timeout_is_checked_in_one_process_too(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert run(*FAST, "--prompt", "a cube", "--dist-timeout", "nan", "--out", tmp_path / "out") == 2
+    assert "--dist-timeout must be a finite number in (0, 604800], got nan" in capsys.readouterr().err
+
+
+def test_a_prompt_too_long_for_t5_is_refused_before_any_image(tmp_path):
+    """torchrun checks what one process checks before the first image: with the third prompt too long for
+    --t5-tokens 77, no rank writes anything and every rank exits 2 (rank 0 says why)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue ball\n" + "word " * 120 + "\n")
+    out = tmp_path / "out"
+    ranks = launch(cli_rank(*FAST, "--prompts-file", prompts, "--t5-tokens", 77, "--out", out), tmp_path)
+    assert [r.code for r in ranks] == [2, 2], ranks
+    assert ranks[0].err.count("\n") == 1 and "T5 tokens" in ranks[0].err and "--t5-tokens" in ranks[0].err, ranks[0].err
+    assert ranks[1].err == "" and not out.exists()
+    assert run(*FAST, "--prompts-file", prompts, "--t5-tokens", 77, "--out", out) == 2  # one process: the same
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("how", ["raises", "dies"])

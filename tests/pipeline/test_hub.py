@@ -313,7 +313,10 @@ def test_unreachable_hub_falls_back_to_a_cached_snapshot(monkeypatch, hf_cache, 
     online(monkeypatch, error=connection_error())
     p = hub.plan("org/turbo", None, PRESETS["large_turbo"])
     assert p.source.startswith("cache (the Hub failed") and hub.download(p).is_file()
-    assert "using the cached org/turbo" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("fastsd35: cannot reach the Hugging Face Hub (") and err.count("\n") == 1, err
+    assert err.endswith(f"): using org/turbo from the Hugging Face cache (commit {COMMIT_A[:12]})\n")
+    assert "not in the cache" not in err
     online(monkeypatch, error=http_error(RepositoryNotFoundError, 404))  # the Hub says it is gone: no fallback
     with pytest.raises(FastSD35Error, match="no such model"):
         hub.plan("org/turbo", None, PRESETS["large_turbo"])
@@ -401,4 +404,49 @@ def test_dry_run_and_run_read_a_local_spelling_alike(hf_cache, tiny_files, tmp_p
         assert cli.main(argv + extra) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "tiny-sd3: no such file or folder" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_hub_with_a_cache_runs_listing_once_and_says_so(hf_cache, tiny_files, tmp_path, capsys,
+                                                                        monkeypatch):
+    """The run plans once (one listing request), says in one line that the cache is used, and generates."""
+    put_in_cache(hf_cache, "org/tiny-sd3", tiny_files)
+    calls = online(monkeypatch, error=connection_error())
+    out = tmp_path / "out"
+    assert cli.main(["run", "--model", "org/tiny-sd3", "--prompt", "a", "--out", str(out), *FAST]) == 0
+    assert calls == [("org/tiny-sd3", "main")]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastsd35:")]
+    assert len(err) == 1 and err[0].startswith("fastsd35: cannot reach the Hugging Face Hub"), err
+    assert len(list(out.glob("*.png"))) == 1
+
+
+def test_no_t5_applies_when_the_preset_comes_from_the_repository(hf_cache, tiny_files, tmp_path, capsys):
+    """A cached official layout without T5 serves --no-t5 when the preset is read from the repository too, as it does
+    with --preset named."""
+    without_t5 = {n: p for n, p in tiny_files.items() if "t5xxl" not in n}
+    put_in_cache(hf_cache, "org/tiny-no-t5", without_t5)
+    out = tmp_path / "out"
+    for preset in ([], ["--preset", "tiny"]):
+        assert cli.main(["run", "--model", "org/tiny-no-t5", "--no-t5", *preset, "--prompt", "a", "--out", str(out),
+                         *FAST]) == 0, capsys.readouterr().err  # fmt: skip
+    assert len(list(out.glob("*.png"))) == 2
+    assert cli.main(["run", "--model", "org/tiny-no-t5", "--prompt", "a", "--out", str(out), *FAST]) == 2
+    assert "t5xxl" in capsys.readouterr().err  # without --no-t5 the missing T5 is named
+
+
+@pytest.mark.parametrize("damage", ["dangling", "fifo"])
+def test_a_broken_checkpoint_in_a_snapshot_is_named(hf_cache, tiny_files, tmp_path, capsys, damage):
+    """A checkpoint whose blob is gone, or that is a FIFO, is named with what it is (not 'cannot tell which model')."""
+    snapshot = put_in_cache(hf_cache, "org/broken", tiny_files)
+    checkpoint = snapshot / "tiny.safetensors"
+    blob = checkpoint.resolve()
+    checkpoint.unlink()
+    if damage == "dangling":
+        checkpoint.symlink_to(os.path.relpath(blob.with_name("gone"), checkpoint.parent))
+    else:
+        os.mkfifo(checkpoint)
+    assert cli.main(["run", "--model", "org/broken", "--prompt", "a", "--out", str(tmp_path / "out"), *FAST]) == 2
+    err = capsys.readouterr().err
+    kind = "a link to a missing or unreadable blob" if damage == "dangling" else "a FIFO"
+    assert f"tiny.safetensors is {kind}" in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()

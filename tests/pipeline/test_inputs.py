@@ -178,11 +178,34 @@ GOOD = {"prompt": "a", "preset": "tiny_random", "steps": 2, "width": 64, "height
         ({**GOOD, "slg": [1]}, "the record.slg must be an object"),
         ({**GOOD, "controlnet": {"controlnet": 3}}, "the record.controlnet has no control_image"),
         ({**GOOD, "init_image_sha256": "abc"}, "must be a SHA-256 hex digest"),
+        ({**GOOD, "model": "x" * 5000}, "characters cut) ...xxxxxxxxxx"),
+        ("[" * 100_000 + "]" * 100_000, "its fastsd35 metadata is not valid JSON"),
+        ({**GOOD, "model": "a\u0000b"}, "must be a path (a str or Path, not empty, without NUL bytes)"),
+        ({**GOOD, "init_image": ""}, "--init-image must be a path"),
+        ({**GOOD, "model": "org/name@" + "r" * 6000}, "org/name"),
     ],
 )
 def test_bad_records(tmp_path, capsys, record, message):
     png = png_with_record(tmp_path / "r.png", record)
     fails(capsys, message, "--from-png", png, "--out", tmp_path / "o", out=tmp_path)
+
+
+HUGE = 10**400  # a JSON integer no float holds: every number of a record is one line, not an OverflowError
+
+
+@pytest.mark.parametrize("key, value", [
+    ("cfg", HUGE), ("shift", HUGE), ("denoise", HUGE), ("seed", HUGE), ("steps", HUGE), ("width", HUGE),
+    ("t5_tokens", HUGE), ("cfg", -HUGE),
+    ("slg", {"scale": HUGE, "start": 0.01, "end": 0.2, "layers": [0], "cfg": 4.0}),
+    ("slg", {"scale": 2.5, "start": 0.01, "end": 0.2, "layers": [HUGE], "cfg": 4.0}),
+    ("loras", [{"file": "x.safetensors", "scale": HUGE}]),
+    ("controlnet", {"controlnet": "cn", "control_image": "c.png", "strength": HUGE}),
+    ("controlnet", {"controlnet": "cn", "control_image": "c.png", "strength": 1.0, "options": {"low": HUGE}}),
+], ids=lambda v: str(v)[:30])  # fmt: skip
+def test_huge_numbers_in_records(tmp_path, capsys, key, value):
+    png = png_with_record(tmp_path / "r.png", {**GOOD, key: value})
+    err = fails(capsys, "", "--from-png", png, "--out", tmp_path / "o", out=tmp_path)
+    assert len(err) < 400 and ("1000000000" in err or "characters" in err or "layers" in err), err
 
 
 def test_a_record_reproduces_from_any_folder_and_never_from_a_changed_file(tmp_path, capsys, monkeypatch):
@@ -270,12 +293,14 @@ def test_api_devices(tmp_path, device, message):
 
 
 def test_api_load_options(tmp_path):
-    for kwargs, message in ((dict(dtype="fp16"), "dtype must be one of"), (dict(t5="no"), "t5 must be True or False"),
+    for kwargs, message in ((dict(dtype="fp64"), "dtype must be one of"), (dict(dtype=torch.float64), "dtype must be"),
+                            (dict(dtype=16), "dtype must be one of"), (dict(t5="no"), "t5 must be True or False"),
                             (dict(t5_tokens=0), "t5_tokens must be an integer in [77, 512]")):
         with pytest.raises(FastSD35Error, match=message.replace("[", r"\[").replace("]", r"\]")):
             Pipeline.from_preset("tiny_random", device="cpu", **kwargs)
     with pytest.raises(FastSD35Error, match="model must be a path"):
         Pipeline.from_pretrained(3, "tiny_random", device="cpu")
+    assert Pipeline.from_preset("tiny_random", device="cpu", dtype="fp16").transformer.dtype == torch.float16  # --dtype's names
 
 
 def test_api_non_finite_weights_name_the_cause(tiny):
@@ -315,3 +340,11 @@ def test_check_rejects_bool_for_numbers_and_numbers_for_strings():
         with pytest.raises(FastSD35Error):
             inputs.check(name, value)
 
+
+
+@pytest.mark.parametrize("option", ["--init-image", "--prompts-file", "--out", "--model", "--lora", "--controlnet",
+                                    "--from-png"])
+@pytest.mark.parametrize("value", ["a\x00b", ""])
+def test_paths_that_no_file_system_holds(tmp_path, capsys, option, value):
+    """A NUL byte (or an empty path) in any path option is one line before anything is generated or written."""
+    fails(capsys, "", *tiny_run(tmp_path, "--prompt", "a", option, value), out=tmp_path)

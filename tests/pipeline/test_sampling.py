@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastsd35.pipeline.sampling import (
+    SAMPLERS,
     CFGDenoiser,
     SLGConfig,
     get_sigmas,
@@ -349,3 +350,18 @@ def test_control_goes_to_the_guidance_passes_only():
     CFGDenoiser(model, cond, uncond, cfg=4.0, steps=10, slg=slg, control=control)(torch.zeros(2, 16, 2, 2), torch.tensor(0.5), 3)
     CFGDenoiser(model, cond, uncond, cfg=1.0, steps=10, control=control)(torch.zeros(2, 16, 2, 2), torch.tensor(0.5), 3)
     assert [(c["batch"], c["skip"], c["control"] is control) for c in model.calls] == [(4, (), True), (2, (1,), False), (2, (), True)]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_an_interrupt_leaves_the_progress_bar_closed(sampler, capsys):
+    """The bar is closed (its line ended) before an interrupt leaves the sampler, so the one-line message that
+    follows starts on a line of its own, whenever the signal comes."""
+    def denoiser(x, sigma, i):
+        if i == 2:
+            raise KeyboardInterrupt
+        return x * 0.5
+
+    with pytest.raises(KeyboardInterrupt):
+        sample(sampler, denoiser, torch.ones(1, 4), get_sigmas(3.0, 6), progress=True)
+    err = capsys.readouterr().err  # the traceback (and the sampler's frame) is still alive here
+    assert "sampling:" in err and err.endswith("\n"), repr(err)

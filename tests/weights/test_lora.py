@@ -2,7 +2,9 @@
 W + scale * (alpha / rank) * up @ down, the tiny pipeline with a LoRA equals diffusers' load_lora_weights + fuse_lora,
 the CLI records the LoRA and --from-png honours it, and every bad input is one line, exit 2, nothing written."""
 
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -160,7 +162,7 @@ def test_pipeline_with_lora_equals_diffusers_fuse_lora(tiny, tmp_path, monkeypat
     reference.load_lora_weights(str(path))
     reference.fuse_lora(lora_scale=0.8)
     tiny.load_lora(path, scale=0.8)
-    assert tiny.loras == [(str(path), 0.8)]
+    assert [(f.path, f.scale, f.sha256) for f in tiny.loras] == [(path, 0.8, hashlib.sha256(path.read_bytes()).hexdigest())]
     ours = pixels(tiny.generate("a red cube", "blurry", seed=5, sampler="euler", cfg=4.5, **SMALL).images)
     latents = fastsd35.pipeline.sampling.initial_latent(torch.tensor(1.0), fastsd35.pipeline.sampling.make_noise(5, 1, (16, 6, 8)))
     with torch.no_grad():
@@ -208,6 +210,13 @@ def test_parse_lora_arg(tmp_path):
             parse_lora_arg(bad)
 
 
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    """One file per bad-input case, made once for the module."""
+    folder = tmp_path_factory.mktemp("loras")
+    return folder, lora_files(folder)
+
+
 def lora_files(tmp_path):
     """One file per bad-input case, for the tiny preset's transformer (hidden 128)."""
     model = Pipeline.from_preset("tiny_random", device="cpu").transformer
@@ -224,6 +233,15 @@ def lora_files(tmp_path):
               tmp_path / "te.safetensors")  # fmt: skip
     (tmp_path / "pickle.safetensors").write_bytes(b"PK\x03\x04 a zip archive")
     (tmp_path / "text.safetensors").write_text("not a lora")
+    down, up = "lora_unet_final_layer_linear.lora_down.weight", "lora_unet_final_layer_linear.lora_up.weight"
+    save_file({down: torch.zeros(0, 128), up: torch.zeros(64, 0)}, tmp_path / "rank0.safetensors")
+    save_file({down: torch.ones(2, 128), up: torch.ones(64, 2), "lora_unet_final_layer_linear.alpha": torch.tensor(float("nan"))},
+              tmp_path / "nan_alpha.safetensors")  # fmt: skip
+    save_file({down: torch.full((2, 128), float("inf")), up: torch.ones(64, 2)}, tmp_path / "inf_down.safetensors")
+    save_file({down: torch.full((2, 128), 1e30), up: torch.full((64, 2), 1e30)}, tmp_path / "overflow.safetensors")
+    save_file({down: torch.ones(2, 128, dtype=torch.int32), up: torch.ones(64, 2, dtype=torch.int32)},
+              tmp_path / "ints.safetensors")  # fmt: skip
+    os.mkfifo(tmp_path / "fifo.safetensors")
     return files
 
 
@@ -238,21 +256,29 @@ BAD = [
     ("missing.safetensors", "not found"),
     ("good.safetensors:nan", "the scale must be a finite number, got 'nan'"),
     ("good.safetensors:x1", "the scale must be a finite number, got 'x1'"),
+    ("good.safetensors:1" + "0" * 400, "the scale must be a finite number, got '1000"),
+    ("rank0.safetensors", "have rank 0 or an empty side: a LoRA layer needs rank >= 1"),
+    ("nan_alpha.safetensors", "lora_unet_final_layer_linear.alpha is nan, not a finite number"),
+    ("inf_down.safetensors", "lora_unet_final_layer_linear.lora_down.weight holds NaN or infinite values"),
+    ("overflow.safetensors", "would make final_layer.linear.weight overflow to infinity"),
+    ("ints.safetensors", "lora_unet_final_layer_linear.lora_down.weight holds non-float values"),
+    ("fifo.safetensors", "it is a FIFO"),
+    ("x" * 300 + ".safetensors", "File name too long"),
 ]
 
 
 @pytest.mark.parametrize("arg, message", BAD)
-def test_bad_lora_on_the_command_line(tmp_path, capsys, arg, message):
-    lora_files(tmp_path)
+def test_bad_lora_on_the_command_line(tmp_path, capsys, lora_dir, arg, message):
+    folder, _ = lora_dir
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.png").write_bytes(b"old")
-    fails(capsys, message, "--preset", "tiny_random", "--prompt", "x", "--out", out, "--lora", tmp_path / arg, *FAST, out=out)
+    fails(capsys, message, "--preset", "tiny_random", "--prompt", "x", "--out", out, "--lora", folder / arg, *FAST, out=out)
     assert (out / "keep.png").read_bytes() == b"old"
 
 
-def test_bad_lora_leaves_the_weights_unchanged(tmp_path, tiny):
-    files = lora_files(tmp_path)
+def test_bad_lora_leaves_the_weights_unchanged(tmp_path, tiny, lora_dir):
+    folder, files = lora_dir
     mixed = tmp_path / "mixed.safetensors"
     tensors = write_kohya_lora(mixed, tiny.transformer, modules=["final_layer.linear", "joint_blocks.0.x_block.mlp.fc1"])
     tensors["lora_unet_joint_blocks_0_x_block_mlp_fc1.lora_up.weight"] = torch.zeros(99, 4)  # the second layer is bad
@@ -262,13 +288,70 @@ def test_bad_lora_leaves_the_weights_unchanged(tmp_path, tiny):
         tiny.load_lora(mixed)
     with pytest.raises(FastSD35Error, match="the scale must be a finite number"):
         tiny.load_lora(files["good"], scale=float("inf"))
-    with pytest.raises(FastSD35Error, match="the scale must be a finite number"):
-        tiny.load_lora(files["good"], scale="big")
+    for bad in (None, 123, folder / "rank0.safetensors", folder / "nan_alpha.safetensors",
+                folder / "inf_down.safetensors", folder / "overflow.safetensors", folder / "fifo.safetensors"):
+        with pytest.raises(FastSD35Error):
+            tiny.load_lora(bad)
+    for scale in (float("inf"), "0.5", "big", True, None, 10**400):  # numbers only, as cfg="5" is refused
+        with pytest.raises(FastSD35Error, match="the scale must be a finite number"):
+            tiny.load_lora(files["good"], scale=scale)
     assert all(torch.equal(v, before[k]) for k, v in tiny.transformer.state_dict().items())
     assert tiny.loras == []
     with pytest.raises(FastSD35Error, match="has no lora_up/lora_B weight"):
         save_file({"lora_unet_final_layer_linear.lora_down.weight": torch.zeros(2, 128)}, tmp_path / "half.safetensors")
         lora_layers(tmp_path / "half.safetensors")
+
+
+def test_a_failure_while_fusing_restores_every_weight(tmp_path, tiny, monkeypatch):
+    """All or nothing whatever fails inside: out of memory (or an interrupt) on the second layer of the second file,
+    after the first file and a layer of the second were written, leaves the weights as they were."""
+    import fastsd35.weights.lora as lora
+
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    write_kohya_lora(first, tiny.transformer, modules=["final_layer.linear"])
+    write_kohya_lora(second, tiny.transformer, modules=["joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.x_block.mlp.fc1"])
+    before = {k: v.clone() for k, v in tiny.transformer.state_dict().items()}
+    real, calls = lora._delta, []
+
+    def delta(*args):
+        calls.append(args[1].target)
+        if len(calls) == 6:  # 3 layers checked (calls 1-3), then applied: the third application fails
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(lora, "_delta", delta)
+    with pytest.raises(KeyboardInterrupt):
+        lora.fuse_loras(tiny.transformer, [(first, 1.0), (second, 1.0)])
+    assert len(calls) == 6
+    assert all(torch.equal(v, before[k]) for k, v in tiny.transformer.state_dict().items())
+    monkeypatch.setattr(lora, "_delta", real)
+    assert [f.layers for f in lora.fuse_loras(tiny.transformer, [(first, 1.0), (second, 1.0)])] == [1, 2]
+    assert not all(torch.equal(v, before[k]) for k, v in tiny.transformer.state_dict().items())
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: Pipeline.from_pretrained("models", 123), "preset must be a preset name"),
+    (lambda: Pipeline.from_pretrained("models", "tiny", controlnet=123), "controlnet must be a path (a str or Path, not empty, without NUL bytes), got 123"),
+    (lambda: Pipeline.from_pretrained("models", "tiny", loras=None), "loras must be a list of (path, scale) pairs, got None"),
+    (lambda: Pipeline.from_pretrained("models", "tiny", loras=["file"]), "loras[0] must be a (path, scale) pair, got 'file'"),
+    (lambda: Pipeline.from_pretrained("models", "tiny", fast="yes"), "fast must be True or False"),
+    (lambda: Pipeline.from_pretrained("models", "tiny", graphs=1), "graphs must be True, False or None, got 1"),
+    (lambda: Pipeline.from_pretrained("models", "tiny", device=True), "unknown device True"),
+    (lambda: Pipeline.from_pretrained("models", "tiny", dtype="fp64"), "dtype must be one of fp16, bf16, fp32, fp8"),
+    (lambda: Pipeline.from_preset("tiny", loras=[(None, 1)]), "loras[0]'s path must be a path (a str or Path, not empty, without NUL bytes), got None"),
+    (lambda: Pipeline.from_preset("tiny", loras=[("x.safetensors", "1")]), "the scale must be a finite number, got '1'"),
+    (lambda: Pipeline.from_preset("tiny_random", seed="x"), "seed must be an integer in [0, 9223372036854775807], got 'x'"),
+    (lambda: Pipeline.from_preset("tiny", seed=-1), "seed must be an integer"),
+    (lambda: Pipeline.from_preset("nonsense"), "unknown preset 'nonsense'"),
+    (lambda: Pipeline.from_preset("tiny_random", control_type=1.5, controlnet="x"), "control_type must be blur, canny or depth"),
+])  # fmt: skip
+def test_python_api_arguments_are_checked_before_anything_loads(call, message, monkeypatch):
+    import fastsd35.weights.checkpoints
+
+    monkeypatch.setattr(fastsd35.weights.checkpoints, "load_transformer", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(FastSD35Error) as info:
+        call()
+    assert message in str(info.value)
 
 
 def test_cli_records_the_lora_and_from_png_honours_it(tmp_path, capsys):
@@ -280,13 +363,22 @@ def test_cli_records_the_lora_and_from_png_honours_it(tmp_path, capsys):
     with Image.open(with_lora) as image:
         record = json.loads(image.info[METADATA_KEY])
         pixels = np.asarray(image)
-    assert record["loras"] == [{"file": str(files["good"]), "scale": 1.5}]
+    digest = hashlib.sha256(files["good"].read_bytes()).hexdigest()
+    assert record["loras"] == [{"file": str(files["good"]), "scale": 1.5, "sha256": digest}]
     assert np.abs(pixels.astype(int) - np.asarray(Image.open(plain)).astype(int)).max() > 5  # the LoRA mattered
     assert run("--from-png", with_lora, "--out", tmp_path / "again") == 0
     [again] = (tmp_path / "again").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(again)), pixels)
     with Image.open(again) as image:
         assert json.loads(image.info[METADATA_KEY])["loras"] == record["loras"]
+
+    # A LoRA file that changed since is refused (its SHA-256 is in the record); --lora uses it on purpose.
+    write_kohya_lora(files["good"], Pipeline.from_preset("tiny_random", device="cpu").transformer,
+                     modules=["final_layer.linear"], seed=99)  # fmt: skip
+    capsys.readouterr()
+    fails(capsys, f"LoRA file {files['good']} is not the file the PNG was made with", "--from-png", with_lora,
+          "--out", tmp_path / "changed", out=tmp_path)  # fmt: skip
+    assert run("--from-png", with_lora, "--lora", f"{files['good']}:1.5", "--out", tmp_path / "changed") == 0
 
 
 def test_loras_and_an_accelerated_diffusers_pipeline(tmp_path):
