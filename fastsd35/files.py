@@ -7,6 +7,8 @@ import errno
 import io
 import os
 import stat
+import tempfile
+from pathlib import Path
 
 from .errors import FastSD35Error
 
@@ -72,3 +74,75 @@ def open_regular(path, what: str, error: type[FastSD35Error] = FastSD35Error):
     except BaseException:
         os.close(fd)
         raise
+
+
+def check_writable(path, what: str, *, folder: bool = False) -> None:
+    """That `path` can be written, checked before any work is done, so that a long run does not fail at its end.
+    A file: a regular file that can be opened for writing, or a new name in an existing folder that takes files. A
+    folder (`folder=True`): a folder that takes files, or a path whose deepest existing part is one (the missing
+    folders are made when the first file is written). Creates nothing: a probe file is made and removed at once.
+    Raises FastSD35Error "<what> <path>: <why>" otherwise."""
+    path = Path(path)
+
+    def fail(why: str):
+        raise FastSD35Error(f"{what} {str(path)!r}: {why}" if "\0" in str(path) else f"{what} {path}: {why}")
+
+    def status(p: Path):
+        try:
+            return os.stat(p)
+        except ValueError:  # an embedded NUL byte
+            fail("a path cannot hold a NUL byte")
+        except OSError as e:
+            if e.errno == errno.ENOENT and os.path.lexists(p):  # writing would follow it, or fail on it
+                fail(f"{p} is a link to nothing")
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):  # too long: the name check says so
+                return None
+            fail(f"cannot use it ({e.strerror or e})")
+
+    def probe(where: Path):
+        try:
+            with tempfile.NamedTemporaryFile(dir=where, prefix=".fastsd35-", suffix=".probe"):
+                pass
+        except OSError as e:
+            fail(f"cannot write in {where} ({e.strerror or e})")
+
+    def kind(mode: int) -> str:
+        kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a FIFO"))
+        return next((name for test, name in kinds if test(mode)), "a device or socket")
+
+    if len(os.fsencode(str(path.absolute()))) >= _PATH_MAX:
+        fail("the path is longer than the system's limit")
+    found = status(path)
+    if found is not None and folder:
+        if not stat.S_ISDIR(found.st_mode):
+            fail(f"is {kind(found.st_mode)}, not a folder")
+        return probe(path)
+    if found is not None:
+        if not stat.S_ISREG(found.st_mode):
+            fail(f"is {kind(found.st_mode)}, not a file")
+        if not os.access(path, os.W_OK):
+            fail("the file cannot be written (permission denied)")
+        return None
+    existing = path.parent
+    while folder and status(existing) is None and existing.parent != existing:
+        existing = existing.parent
+    parent = status(existing)
+    if parent is None:
+        fail(f"the folder {existing} does not exist")
+    if not stat.S_ISDIR(parent.st_mode):
+        fail(f"{existing} is {kind(parent.st_mode)}, not a folder")
+    name_max = _name_max(existing)
+    for part in path.parts[len(existing.parts):]:
+        if len(os.fsencode(part)) > name_max:
+            fail(f"the name {part[:40]}... is longer than the file system's limit of {name_max} bytes")
+    probe(existing)
+
+
+_PATH_MAX = 4096  # Linux's; a longer path cannot be opened even when every name in it is short
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255

@@ -67,7 +67,8 @@ class Prepared:
     kernel calls on rotated inputs); `outputs(result of fn())` are the tensors its first call produced, checked to be
     finite and to agree with the other contenders'; `eager()` (kernels on CUDA) makes the same `calls` calls from
     Python, timed apart to show what launching costs; `extra` goes into its result; `stages` collects the per-stage
-    seconds of each call (end to end)."""
+    seconds of each call (end to end); `tolerance`: the largest relative error against the case's reference outputs
+    that its precision allows (None: the dtypes' tolerance, `suite.TOLERANCE`)."""
 
     fn: Callable[[], object]
     extra: dict = field(default_factory=dict)
@@ -76,6 +77,7 @@ class Prepared:
     calls: int = 1
     eager: Callable[[], object] | None = None
     peak_bytes: Callable[[], int | None] | None = None  # work done in other processes: their peak GPU memory
+    tolerance: float | None = None
 
 
 @dataclass
@@ -395,7 +397,7 @@ def _fastsd35_step(cls, graphs: bool, geo: Geometry, inp):
 
 
 @contextmanager
-def _stepping(model, graphs: bool, geo: Geometry, inp, extra: dict):
+def _stepping(model, graphs: bool, geo: Geometry, inp, extra: dict, tolerance: float | None = None):
     """One denoiser step of `model` as the sampler calls it (TransformerPass, as the pipeline does), optionally
     replayed from CUDA graphs, whose captures are freed on exit."""
     from ..pipeline.graphs import CUDAGraphPasses
@@ -410,7 +412,7 @@ def _stepping(model, graphs: bool, geo: Geometry, inp, extra: dict):
             return step(inp.x, inp.sigma, inp.y, inp.context)
 
     try:
-        yield Prepared(fn, extra)
+        yield Prepared(fn, extra, tolerance=tolerance)
     finally:
         if graphs:
             step.clear()
@@ -466,15 +468,19 @@ def diffusers_weights(geo: Geometry) -> dict:
 @contextmanager
 def _fastsd35_fp8_step(graphs: bool, geo: Geometry, inp):
     """FastMMDiTX as `--dtype fp8` runs it: the block Linears (random weights, quantized per channel) in FP8, FP8 GEMMs
-    where the device has them (else bf16 GEMMs on the FP8 weights), the rest in the case's dtype."""
+    where the device has them (else bf16 GEMMs on the FP8 weights), the rest in the case's dtype. Its outputs are
+    checked against the FP8 error model of its depth (`precision.fp8_tolerance`), not the dtype's tolerance."""
     from ..models.fp8 import fp8_gemm_available, quantize_, weight_bytes
+    from .precision import fp8_tolerance
 
     _need_triton(geo.device)
     model = quantize_(random_weights_(FastMMDiTX.empty(geo.config, dtype=geo.dtype, device=geo.device)))
     if geo.device.type == "cuda":
         torch.cuda.empty_cache()  # the full-precision weights quantize_ replaced
-    extra = {"params": _params(model), "weight_bytes": weight_bytes(model), "fp8_gemm": fp8_gemm_available(geo.device)}
-    with _stepping(model, graphs, geo, inp, extra) as prepared:
+    tolerance = fp8_tolerance(geo.config.depth)
+    extra = {"params": _params(model), "weight_bytes": weight_bytes(model), "fp8_gemm": fp8_gemm_available(geo.device),
+             "tolerance": tolerance}  # fmt: skip
+    with _stepping(model, graphs, geo, inp, extra, tolerance) as prepared:
         yield prepared
 
 

@@ -22,8 +22,9 @@ microseconds, as much as the GPU work at these sizes) is what eager mode pays on
 own statistics for kernels are per replay, i.e. per `calls` calls; the results file and the table are per call.
 
 Every contender's first outputs are checked (`OutputCheck`): all finite, and in agreement with the first contender
-of the case (a baseline) within a tolerance for their dtype. A failed check is recorded as the result's `error`,
-fails its pytest-benchmark test, and makes `fastsd35 bench` exit 1: a figure for a different computation is no figure.
+of the case (a baseline) within a tolerance for their dtype, or the contender's own where its precision has an error
+model (FP8: `fastsd35.benchmarks.precision`). A failed check is recorded as the result's `error`, fails its
+pytest-benchmark test, and makes `fastsd35 bench` exit 1: a figure for a different computation is no figure.
 
 Each contender is built on entry and freed on exit, one at a time; its peak memory is
 `torch.cuda.max_memory_allocated()` over its calls (weights included), after `reset_peak_memory_stats()` (many GPUs:
@@ -32,8 +33,10 @@ died) is recorded as an error too.
 
 Every figure is compared with the baselines measured in the same run: `ratios[b]` = median of baseline b / median of
 the contender (above 1: faster than b). Results go to `<out>/<device-slug>.json` with the device name, versions,
-shapes, medians and ratios; cases a run did not measure are kept from the file already there (same device and
-versions), so the parts can be run one command at a time.
+shapes, medians and ratios, rewritten after every contender (a run stopped by a time limit keeps what it measured);
+cases and contenders a run did not measure are kept from the file already there (same device and versions), each
+result with the date of the run that measured it and its ratios from that run, so the parts, cases and contenders
+can be run one command at a time (`--only`, `--cases`, `--contenders`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import datetime
 import gc
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -56,6 +60,7 @@ import torch
 
 from .. import kernels
 from ..errors import FastSD35Error
+from ..files import check_writable
 from ..version import __version__
 from .cases import (DEFAULT_PARTS, MODELS, NOT_INTERPRETED, PARTS, Case, Contender, Failed, Skip,
                     build_cases)
@@ -195,7 +200,10 @@ class OutputCheck:
     def __init__(self):
         self.name, self.outputs = None, None
 
-    def __call__(self, contender: str, outputs: list[torch.Tensor]):
+    def __call__(self, contender: str, outputs: list[torch.Tensor], tolerance: float | None = None) -> float | None:
+        """Check `contender`'s outputs (the first call's are the reference). `tolerance`: the largest relative error
+        its precision allows (an error model), instead of the dtypes' TOLERANCE. Returns the largest relative error
+        found (None for the reference itself); raises Mismatch."""
         if not outputs:
             raise Mismatch(f"{contender} produced no tensor to check")
         for i, t in enumerate(outputs):
@@ -204,17 +212,20 @@ class OutputCheck:
                 raise Mismatch(f"{contender}: output {i} has {bad} non-finite values of {t.numel()}")
         if self.outputs is None:
             self.name, self.outputs = contender, [t.detach().clone() for t in outputs]
-            return
+            return None
         if len(outputs) != len(self.outputs):
             raise Mismatch(f"{contender} gives {len(outputs)} outputs, {self.name} {len(self.outputs)}")
+        largest = 0.0
         for i, (got, ref) in enumerate(zip(outputs, self.outputs)):
             if got.shape != ref.shape:
                 raise Mismatch(f"{contender}: output {i} has shape {tuple(got.shape)}, {self.name} {tuple(ref.shape)}")
-            tol = max(TOLERANCE.get(got.dtype, 5e-2), TOLERANCE.get(ref.dtype, 5e-2))
+            tol = tolerance if tolerance is not None else max(TOLERANCE.get(got.dtype, 5e-2), TOLERANCE.get(ref.dtype, 5e-2))
             ref32, got32 = ref.to(got.device, torch.float32), got.float()
             error = ((got32 - ref32).norm() / ref32.norm().clamp_min(1e-30)).item()
             if not error <= tol:
-                raise Mismatch(f"{contender} disagrees with {self.name}: output {i} relative error {error:.3g} > {tol}")
+                raise Mismatch(f"{contender} disagrees with {self.name}: output {i} relative error {error:.3g} > {tol:.3g}")
+            largest = max(largest, error)
+        return largest
 
 
 # -- running ----------------------------------------------------------------------------------------------------
@@ -256,7 +267,9 @@ def run_contender(case: Case, contender: Contender, inputs, *, device, quick=Fal
             start = synchronized_timer()
             first = prepared.fn()
             result.first_s = synchronized_timer() - start
-            check(contender.name, prepared.outputs(first))
+            error = check(contender.name, prepared.outputs(first), prepared.tolerance)
+            if error is not None:  # against the case's reference outputs: how far this contender's precision took it
+                result.extra["rel_error"] = error
             del first
             iterations = plan_iterations(prepared.fn, sched.min_round_s)
             samples = timer(prepared.fn, rounds=sched.rounds, warmup_rounds=sched.warmup_rounds, iterations=iterations)
@@ -338,28 +351,61 @@ class Results:
             "part": case.part, "id": case.id, "name": case.name, "model": case.model, "shape": case.shape,
             "flops": case.flops, "bytes": case.bytes, **({"rate_stage": case.rate_stage} if case.rate_stage else {}),
             "date": self.date, "quick": self.quick, "runner": self.runner,
+            "contenders": [c.name for c in case.contenders],
             "baselines": [c.name for c in case.contenders if c.baseline],
-            "results": [result_record(case, r, baselines) for r in results],
+            "results": [result_record(case, r, baselines) | {"date": self.date} for r in results],
         }  # fmt: skip
 
+    def path(self, out_dir) -> Path:
+        return Path(out_dir) / f"{self.env.slug}.json"
+
     def write(self, out_dir) -> Path:
-        """Write `<out_dir>/<device-slug>.json`. Cases this run did not measure are kept from the file already there
-        when it records the same device and versions (so parts can be run one command at a time); each case carries
-        the date of the run that measured it, and its ratios always come from that one run."""
+        """Write `<out_dir>/<device-slug>.json` (whole or not at all: a new file renamed over the old one). What this
+        run did not measure is kept from the file already there when it records the same device and versions: other
+        cases whole, and in a case this run measured, the results of the contenders it did not run (so parts, cases
+        and contenders can be run one command at a time). Each result carries the date of the run that measured it,
+        and its ratios always come from that one run."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{self.env.slug}.json"
+        path = self.path(out)
         record = self.record()
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old = {}
-        if old.get("device") == record["device"] and old.get("versions") == record["versions"]:
-            measured = {(c["part"], c["id"]) for c in record["cases"]}
-            kept = [c for c in old.get("cases", []) if (c.get("part"), c.get("id")) not in measured]
-            record["cases"] = sorted(kept + record["cases"], key=lambda c: PARTS.index(c["part"]))
-        path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        if isinstance(old, dict) and old.get("device") == record["device"] and old.get("versions") == record["versions"]:
+            record["cases"] = _merged(old.get("cases"), record["cases"])
+        temporary = out / f".{path.name}.{os.getpid()}.tmp"
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+            os.replace(temporary, path)
+        except OSError as e:
+            temporary.unlink(missing_ok=True)
+            raise FastSD35Error(f"cannot write the results to {path}: {e.strerror or e}") from None
         return path
+
+
+def _merged(old_cases, new_cases: list[dict]) -> list[dict]:
+    """The cases of an earlier results file with this run's laid over them, contender by contender (`Results.write`)."""
+    if not isinstance(old_cases, list):
+        return new_cases
+    new = {(c["part"], c["id"]): c for c in new_cases}
+    merged = []
+    for c in old_cases:
+        if not isinstance(c, dict) or c.get("part") not in PARTS:
+            continue
+        fresh = new.pop((c.get("part"), c.get("id")), None)
+        if fresh is None:
+            merged.append(c)
+            continue
+        measured = {r["contender"] for r in fresh["results"]}
+        kept = [r | {"date": r.get("date", c.get("date"))} for r in c.get("results", [])
+                if isinstance(r, dict) and r.get("contender") not in measured]  # fmt: skip
+        order = fresh["contenders"]
+        rank = lambda r: order.index(r["contender"]) if r.get("contender") in order else len(order)  # noqa: E731
+        fresh["results"] = sorted(kept + fresh["results"], key=rank)  # stable: the case's contender order
+        merged.append(fresh)
+    return sorted(merged + list(new.values()), key=lambda c: PARTS.index(c["part"]))
 
 
 def result_record(case: Case, r: Result, baselines: dict[str, float]) -> dict:
@@ -385,26 +431,51 @@ def result_record(case: Case, r: Result, baselines: dict[str, float]) -> dict:
     return out | ({"extra": r.extra} if r.extra else {})
 
 
-def run_suite(*, parts=DEFAULT_PARTS, models=tuple(MODELS), quick=False, out="bench/results", device=None, log=None):
-    """Run the chosen parts on this machine (CUDA when available), write the JSON; returns (record, path)."""
+def select(cases: list[Case], names=None, contenders=None) -> list[tuple[Case, list[Contender]]]:
+    """The cases to run, each with the contenders to run on it: the cases whose id or name is in `names` (all when
+    None), the contenders named in `contenders` (all when None); a case left with none is dropped."""
+    chosen = []
+    for case in cases:
+        if names is not None and case.id not in names and case.name not in names:
+            continue
+        run = [c for c in case.contenders if contenders is None or c.name in contenders]
+        if run:
+            chosen.append((case, run))
+    return chosen
+
+
+def check_out(out, env: Environment) -> Path:
+    """Before anything is measured: the results can be written in `out` (the folder, or what it would be made in,
+    and the results file when it is there). Returns the results file's path."""
+    check_writable(out, "--out", folder=True)
+    path = Path(out) / f"{env.slug}.json"
+    if os.path.lexists(path):
+        check_writable(path, "--out")
+    return path
+
+
+def run_suite(*, parts=DEFAULT_PARTS, models=tuple(MODELS), quick=False, out="bench/results", device=None, log=None,
+              cases=None, contenders=None):
+    """Run the chosen parts (and of them the `cases` and `contenders` named, see `select`) on this machine (CUDA when
+    available), writing the JSON after every contender; returns (this run's record, the file's path)."""
     env = detect_environment(device)
+    path = check_out(out, env)
     results = Results(env, quick=quick)
     try:
-        for case in build_cases(env.device, parts, models):
+        for case, chosen in select(build_cases(env.device, parts, models), cases, contenders):
             with case.inputs() as inputs:
                 check = OutputCheck()
-                for contender in case.contenders:
+                for contender in chosen:
                     result = run_contender(case, contender, inputs, device=env.device, quick=quick, check=check)
                     results.add(case, result)
+                    results.write(out)  # the moment it is measured: a time limit then loses only what is running
                     if log:
                         log(f"{case.part} {case.id} {contender.name}: {outcome(result)}")
-    except KeyboardInterrupt:  # e.g. a time limit (bench/gpu_check.sh): keep what was measured
-        if results.timed():
-            path = results.write(out)
-            if log:
-                log(f"interrupted: wrote what was measured to {path}")
+    except KeyboardInterrupt:  # e.g. a time limit (bench/gpu_check.sh): what was measured is written already
+        if results.cases and log:
+            log(f"interrupted: wrote what was measured to {path}")
         raise
-    return results.record(), results.write(out)
+    return results.record(), path
 
 
 def outcome(result: Result) -> str:
@@ -463,6 +534,10 @@ def add_arguments(parser):
     parser.add_argument("--models", default=",".join(MODELS),
                         help="comma-separated kernel and step shapes: large, medium (default: both; end to end is "
                              "always large_turbo)")
+    parser.add_argument("--cases", help="comma-separated case ids or names of the chosen parts (e.g. large-step-B2, "
+                                        "joint_attention; default: all)")
+    parser.add_argument("--contenders", help="comma-separated contenders to run (e.g. torch,fastsd35+graphs; default: "
+                                             "all; name the baseline too for ratios)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
                         help="folder of the results JSON, named after the device (default bench/results)")
 
@@ -476,10 +551,21 @@ def _choices(value: str, allowed, option: str) -> tuple[str, ...]:
 
 
 def bench_command(args) -> int:
+    """`fastsd35 bench`: every argument, and that the results can be written, is checked before anything runs."""
     parts = _choices(args.only, PARTS, "--only")
     models = _choices(args.models, tuple(MODELS), "--models")
+    env = detect_environment()
+    built = build_cases(env.device, parts, models)
+    names = list(dict.fromkeys(n for c in built for n in (c.id, c.name)))
+    cases = None if args.cases is None else _choices(args.cases, names, "--cases")
+    contenders = None if args.contenders is None else _choices(
+        args.contenders, list(dict.fromkeys(c.name for case in built for c in case.contenders)), "--contenders")
+    if not select(built, cases, contenders):
+        raise FastSD35Error(f"--cases {args.cases} with --contenders {args.contenders}: no case has those contenders")
+    check_out(args.out, env)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    record, path = run_suite(parts=parts, models=models, quick=args.quick, out=args.out, log=log)
+    record, path = run_suite(parts=parts, models=models, quick=args.quick, out=args.out, log=log, cases=cases,
+                             contenders=contenders)  # fmt: skip
     print(format_table(record))
     print(f"wrote {path}")
     failed = [f"{c['part']}/{c['id']} {r['contender']}: {r['error']}" for c in record["cases"] for r in c["results"]

@@ -1,9 +1,17 @@
 """Block-level ops for MMDiT-X and the choice of backend that runs them.
 
 `REFERENCE_OPS` are plain PyTorch (kernels/reference.py). `TRITON_OPS` are the Triton kernels implementing the same
-contracts; they compile on CUDA and run in Triton's interpreter on the CPU when TRITON_INTERPRET=1 was set before
-they were first used. Triton is imported lazily, on first use, so fastsd35 imports (and runs the reference ops) on
+contracts; they compile on CUDA and run in Triton's interpreter on the CPU when TRITON_INTERPRET=1 is set when this
+package is imported. Triton is imported lazily, on first use, so fastsd35 imports (and runs the reference ops) on
 machines without it.
+
+Interpreter or compiler is decided once per process, and Triton decides it at import time twice over: its own
+library functions (`tl.sum`, `tl.max`, ...) when `triton` is imported, our kernels when their modules are. Both must
+agree: an interpreted kernel calling a compiled `tl.sum` fails ("Cannot call @triton.jit'd outside of the scope of a
+kernel"). So when the interpreter is asked for here, triton and the kernel modules are imported right away, while
+TRITON_INTERPRET still says so; a later change of the variable (a test that sets it to 0 to run the reference ops,
+after which torch imports triton) can then no longer split the decision. `backend()` still reads the variable on
+each call to choose between the interpreted kernels and the reference ops on the CPU.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import reference
+from . import checks, reference
 from .checks import interpreter_requested
 
 _OP_NAMES = (
@@ -47,7 +55,36 @@ def _load_triton_ops() -> SimpleNamespace | None:
             joint_attention=joint_attention.joint_attention,
         )
         _triton.interpreted = checks.INTERPRET  # how the kernels were built, fixed at their import
+        mixed = _mixed_modes(fused_adaln_modulate._layer_norm_row)
+        if mixed:
+            _triton.ops, _triton.error = None, ImportError(mixed)
+            return None
+        if _triton.interpreted:
+            from .interpreter import fix_loop_bounds
+
+            fix_loop_bounds()  # Triton 3.6 with NumPy 2.4 (kernels/interpreter.py)
     return _triton.ops
+
+
+def _mixed_modes(kernel_helper) -> str:
+    """Why the kernels cannot run ("" when they can): the kernels and Triton's own library functions were not both
+    built for the interpreter, or both for the compiler (TRITON_INTERPRET changed between the two imports)."""
+    import triton.language.standard as standard
+
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a Triton without an interpreter: everything is compiled
+        return ""
+    ours, theirs = (isinstance(f, InterpretedFunction) for f in (kernel_helper, standard.sum))
+    if ours == theirs:
+        return ""
+    mode = {True: "Triton's interpreter", False: "the compiler"}
+    return (f"the fastsd35 kernels were built for {mode[ours]} but triton's own functions for {mode[theirs]}: "
+            "TRITON_INTERPRET changed after triton was imported; set it before the process imports torch or triton")
+
+
+if checks.INTERPRET:  # decide for the whole process now (module docstring): triton and the kernels, interpreted
+    _load_triton_ops()
 
 
 def __getattr__(name: str):

@@ -10,8 +10,13 @@ partial one masks its keys (score -inf, value 0).
 
 Two load styles share the one kernel body (constexpr USE_TMA): pointer blocks (every GPU), or, on sm_90+, per-head
 tensor descriptors whose TMA loads zero-fill past row L. Which wins is for the GPU benchmark to decide; both are
-autotune candidates. The autotuner keys on B*H and a length bucket (not the exact length), keeps its choices on disk
-where Triton can, and only times the configs `_configs_for` keeps for the GPU at hand.
+autotune candidates. The autotuner keys on B*H, a length bucket (not the exact length) and whether q/k/v can be
+described to TMA (aligned heads and rows: a misaligned view never reuses a TMA choice made for aligned buffers), keeps
+its choices on disk where Triton can, and only times the configs `_configs_for` keeps for the GPU at hand.
+
+Triton's interpreter (the CPU tests) cannot time configs, and Triton before 3.9 tries to even when pruning leaves one
+(it needs a GPU driver to): there the launcher runs the kernel itself with the one config `_configs_for` gives the
+interpreter, without the autotuner.
 """
 
 from __future__ import annotations
@@ -58,9 +63,9 @@ FP32_MAX_HEAD_DIM = 64
 # remainder-times-remainder term dropped): fp32-level error (~1e-6 relative) at tensor-core speed. Exact "ieee" dots
 # have no MMA form and spill at every tile on sm_80 and sm_90; the interpreter runs them exactly (numpy).
 FP32_DOT = "ieee" if INTERPRET else "tf32x3"
-# Triton's interpreter cannot time configs: it runs this one. Its cost is per op, not per element, so 32x32 tiles run
-# faster than smaller ones while still giving test sizes several query/key tiles and tails. Tests switch it to the
-# TMA form to run that load path too.
+# Triton's interpreter cannot time configs: the launcher runs this one without the autotuner. Its cost is per op, not
+# per element, so 32x32 tiles run faster than smaller ones while still giving test sizes several query/key tiles and
+# tails. Tests switch it to the TMA form to run that load path too.
 INTERPRETER_CONFIG = _config(32, 32, 4, 1)
 
 
@@ -73,12 +78,13 @@ def _fp32_only() -> list[triton.Config]:
     return seen[len(POINTER_CONFIGS) :]
 
 
-def _tma_ready(named_args: dict) -> bool:
-    """Tensor descriptors need 16-byte aligned bases (here: each head's first row) and row strides; the last stride
-    is 1 (the launcher makes it so)."""
-    for t in "qkv":
-        size = named_args[t.upper()].element_size()
-        if named_args[t.upper()].data_ptr() % 16 or any(named_args[f"stride_{t}{d}"] * size % 16 for d in "bhl"):
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether (B, H, L, Dh) q, k, v can be described to TMA: tensor descriptors need 16-byte aligned bases (here:
+    each head's first row, so the batch and head strides count too) and row strides; the last stride is 1 (the
+    launcher makes it so). Part of the autotuning key (`tune_tma`)."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(stride * size % 16 for stride in t.stride()[:3]):
             return False
     return True
 
@@ -107,7 +113,7 @@ def _configs_for(arch: int | None, named_args: dict) -> list[triton.Config]:
         return list(FP32_CONFIGS[90 if arch >= 90 else 80])
     wide = named_args["HEAD_DIM"] > 64
     configs = [c for c in POINTER_CONFIGS if _fits(c, arch, wide)]
-    if arch >= 90 and _tma_ready(named_args):
+    if arch >= 90 and named_args["tune_tma"]:
         configs += [c for c in TMA_CONFIGS if _fits(c, arch, wide)]
     return configs
 
@@ -169,12 +175,12 @@ def _attend_tile(
 @triton.autotune(
     configs=POINTER_CONFIGS + TMA_CONFIGS + _fp32_only(),
     # What moves the best tile: the number of (batch, head) programs, the length bucket, the head dim (and the dtype,
-    # which Triton adds to every key).
-    key=["tune_bh", "tune_len", "HEAD_DIM"],
+    # which Triton adds to every key); what decides the candidates: whether the TMA forms can load these tensors.
+    key=["tune_bh", "tune_len", "tune_tma", "HEAD_DIM"],
     prune_configs_by={"early_config_prune": _prune},
     **_CACHE_RESULTS,
 )
-@triton.jit(do_not_specialize=["tune_bh", "tune_len"])
+@triton.jit(do_not_specialize=["tune_bh", "tune_len", "tune_tma"])
 def _joint_attention_kernel(
     Q, K, V, OUT_CTX, OUT_X,
     L, H, n_ctx, qk_scale,
@@ -183,7 +189,7 @@ def _joint_attention_kernel(
     stride_vb, stride_vh, stride_vl,
     stride_cb, stride_cl,
     stride_xb, stride_xl,
-    tune_bh, tune_len,  # the autotuner's key (B*H, _tuning_length(L)); unused by the kernel
+    tune_bh, tune_len, tune_tma,  # the autotuner's key (B*H, _tuning_length(L), _tma_ready); unused by the kernel
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -294,10 +300,14 @@ def joint_attention(q, k, v, out_ctx, out_x, n_ctx: int) -> None:
         v.stride(0), v.stride(1), v.stride(2),
         out_ctx.stride(0), out_ctx.stride(1),
         out_x.stride(0), out_x.stride(1),
-        B * H, _tuning_length(L),
+        B * H, _tuning_length(L), int(_tma_ready(q, k, v)),
     )  # fmt: skip
     # fp32 must keep fp32 accuracy (plain TF32 would be ~1e-3 off); 16-bit operands use the native MMA either way.
     meta = dict(HEAD_DIM=Dh, DOT_PRECISION=FP32_DOT if q.dtype == torch.float32 else "tf32")
+    if INTERPRET:  # no timing without a GPU: the interpreter's one config, launched directly (module docstring)
+        (config,) = _configs_for(None, {})
+        launch(_joint_attention_kernel.fn, grid, args, {**meta, **config.all_kwargs()}, q.device)
+        return
     launch(_joint_attention_kernel, grid, args, meta, q.device)
 
 

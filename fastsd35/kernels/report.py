@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FastSD35Error
-from ..files import is_dir, is_file
+from ..files import check_writable, is_file
 from . import checks
 
 ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
@@ -254,19 +255,47 @@ def _compile_at(index: int) -> Variant:
     return _compile(_JOBS[index])
 
 
+# The signals that stop a run (fastsd35.app.cli turns them into exceptions in the main thread).
+_STOP_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
+
+
+def _worker_signals(mask) -> None:
+    """In a forked compile process, before any job: the default SIGTERM and SIGHUP (the pool ends its workers with
+    SIGTERM when it closes or is interrupted; the inherited handler of `fastsd35.app.cli` would print a traceback in
+    each) and SIGINT ignored (Ctrl-C reaches the whole process group: the parent stops the pool and says so, once);
+    then the parent's signal mask again (`compile_all` blocked the stop signals while forking)."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 _JOBS: list[_Job] = []  # read by the forked workers
 
 
 def compile_all(jobs: list[_Job], workers: int) -> list[Variant]:
-    """Compile every job (in `workers` forked processes when > 1); results in job order."""
+    """Compile every job (in `workers` forked processes when > 1); results in job order.
+
+    The stop signals are blocked while the pool forks its workers: a handler that raises inside an at-fork callback
+    (the logging module's runs in the parent after each fork) has its exception printed and ignored, so the signal
+    would be lost and the run go on for minutes; blocked, it waits and is delivered once the pool is inside `with`,
+    which then ends the workers. The workers start with it blocked too and set their own handlers first."""
     global _JOBS
     if workers <= 1 or len(jobs) <= 1:
         return [_compile(j) for j in jobs]
     import multiprocessing
 
     _JOBS = jobs
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        try:
+            pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals, initargs=(mask,))
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
+        with pool:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came while forking is raised here
             return pool.map(_compile_at, range(len(jobs)), chunksize=1)
     finally:
         _JOBS = []
@@ -339,8 +368,8 @@ def kernels_command(args) -> int:
     archs, dtypes = parse_archs(args.arch), parse_dtypes(args.dtype)
     if args.jobs < 1:
         raise FastSD35Error(f"--jobs {args.jobs}: must be at least 1")
-    if args.json is not None and is_dir(args.json):
-        raise FastSD35Error(f"--json {args.json}: is a folder, not a file")
+    if args.json is not None:  # before minutes of compiling, not after
+        check_writable(args.json, "--json")
     if checks.INTERPRET:
         raise FastSD35Error("fastsd35 kernels compiles for the GPU: unset TRITON_INTERPRET (the interpreter was asked for)")
     start = time.perf_counter()

@@ -74,6 +74,28 @@ def check(q, k, v, n_ctx, padded=True):
     return errors
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """Every launch the joint attention makes, recorded as (named arguments and meta-parameters) before it runs."""
+    from fastsd35.kernels.report import jit_function
+
+    seen = []
+    real = kern.launch
+
+    def spy(kernel, grid, args, kwargs, device):
+        seen.append({**dict(zip(jit_function(kernel).arg_names, args)), **kwargs, "autotuned": kernel is not
+                     jit_function(kernel)})  # fmt: skip
+        real(kernel, grid, args, kwargs, device)
+
+    monkeypatch.setattr(kern, "launch", spy)
+    return seen
+
+
+def tuning_key(named: dict) -> tuple:
+    """The autotuner's key for a launch's named arguments (Triton appends the dtypes)."""
+    return tuple(named[k] for k in kern._joint_attention_kernel.keys)
+
+
 @pytest.fixture(params=["pointer", "tma"])
 def load_style(request, monkeypatch):
     """The interpreter runs one config (kern.INTERPRETER_CONFIG): the pointer-load form, or the TMA form whose q/k/v
@@ -89,32 +111,46 @@ def load_style(request, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_joint_attention(case, dtype, load_style):
+def test_joint_attention(case, dtype, load_style, launches):
     B, H, L, Dh, n_ctx = case
     if dtype == torch.float32 and Dh > kern.FP32_MAX_HEAD_DIM and not kern.INTERPRET:
         with pytest.raises(ValueError, match="fp32 supports head dims up to 64 on a GPU"):
             check(*qkv(B, H, L, Dh, dtype), n_ctx)
         return
     check(*qkv(B, H, L, Dh, dtype), n_ctx)
-    assert kern._joint_attention_kernel.best_config.kwargs["USE_TMA"] == (load_style == "tma")
+    if kern.INTERPRET:  # the interpreter's one config, launched without the autotuner (no timing without a GPU)
+        assert [(d["autotuned"], d["USE_TMA"]) for d in launches] == [(False, load_style == "tma")]
+    else:
+        assert kern._joint_attention_kernel.best_config.kwargs["USE_TMA"] == (load_style == "tma")
 
 
-def test_autotune_key_buckets_lengths():
-    """The tuning key is (B*H, L rounded up to 1024, Dh, dtypes): every prompt length of a 1024x1024 image shares one
-    tuning; a different batch x heads tunes again."""
+def test_interpreter_runs_without_the_autotuner(monkeypatch):
+    """Under the interpreter the autotuner is never asked (Triton before 3.9 would time its configs, which needs a GPU
+    driver: "0 active drivers"), and the launch still gets the whole key (tests/kernels: Triton 3.6 in CI)."""
+    if not kern.INTERPRET:
+        pytest.skip("the interpreter's launch path")
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("the autotuner ran under the interpreter")
+
+    monkeypatch.setattr(kern._joint_attention_kernel, "run", no_tuning)
+    check(*qkv(1, 2, 40, 64, torch.float32), 7)
+
+
+def test_autotune_key_buckets_lengths(launches):
+    """The tuning key is (B*H, L rounded up to 1024, TMA-ready, Dh, dtypes): every prompt length of a 1024x1024 image
+    shares one tuning; a different batch x heads tunes again."""
     assert kern._tuning_length(4096 + 154) == kern._tuning_length(4096 + 333) == 5120
     assert kern._tuning_length(1024) == 1024 and kern._tuning_length(1025) == 2048
-    tuner = kern._joint_attention_kernel
-    tuner.cache.clear()
+    assert kern._joint_attention_kernel.keys == ["tune_bh", "tune_len", "tune_tma", "HEAD_DIM"]
     for B, H, L in ((1, 2, 40), (1, 2, 60), (2, 1, 50), (2, 2, 40)):
         run(*qkv(B, H, L, 64, torch.float16), 5)
-    assert sorted(k[:2] for k in tuner.cache) == [(2, 1024), (4, 1024)]
-    tuner.cache.clear()
+    assert sorted({tuning_key(d) for d in launches}) == [(2, 1024, 1, 64), (4, 1024, 1, 64)]
 
 
 def _named_args(q, Dh):
     s = {f"stride_{t}{d}": q.stride(i) for t in "qkv" for i, d in enumerate("bhl")}
-    return {"Q": q, "K": q, "V": q, "HEAD_DIM": Dh, **s}
+    return {"Q": q, "K": q, "V": q, "HEAD_DIM": Dh, "tune_tma": int(kern._tma_ready(q)), **s}
 
 
 def test_configs_per_arch():
@@ -173,13 +209,35 @@ def test_every_candidate_tile_is_a_launchable_shape():
     assert all(c.kwargs["USE_TMA"] for c in kern.TMA_CONFIGS) and not any(c.kwargs["USE_TMA"] for c in fp32)
 
 
+def misaligned_views(dtype=torch.float16):
+    """(B, H, L, Dh) = (1, 2, 256, 64) views that TMA cannot load: a base 8 bytes in, and a head stride that puts the
+    second head 8 bytes off (the first head aligned); and an aligned one."""
+    n, off = 1 * 2 * 256 * 64, 8 // dtype.itemsize  # 8 bytes, in elements
+    buf = torch.zeros(2 * n, dtype=dtype, device=DEVICE)
+    base = buf[off : off + n].view(1, 2, 256, 64)
+    head = buf.as_strided((1, 2, 256, 64), (2 * 256 * 64 + off, 256 * 64 + off, 64, 1))
+    return {"base": base, "head stride": head}, buf[2 * off : 2 * off + n].view(1, 2, 256, 64)
+
+
 def test_tma_needs_aligned_rows():
-    """A q whose heads do not start on 16 bytes cannot be described to TMA: only pointer-load configs remain."""
-    n = 1 * 2 * 256 * 64
-    buf = torch.empty(n + 8, dtype=torch.float16)
-    q = buf[4 : 4 + n].view(1, 2, 256, 64)  # 8 bytes in
-    assert not any(c.kwargs["USE_TMA"] for c in kern._configs_for(90, _named_args(q, 64)))
-    assert any(c.kwargs["USE_TMA"] for c in kern._configs_for(90, _named_args(buf[8 : 8 + n].view(1, 2, 256, 64), 64)))
+    """q/k/v whose heads do not start on 16 bytes cannot be described to TMA: only pointer-load configs remain."""
+    bad, good = misaligned_views()
+    for name, q in bad.items():
+        assert not kern._tma_ready(q) and kern._tma_ready(good, q, good) is False, name
+        assert not any(c.kwargs["USE_TMA"] for c in kern._configs_for(90, _named_args(q, 64))), name
+    assert kern._tma_ready(good, good, good)
+    assert any(c.kwargs["USE_TMA"] for c in kern._configs_for(90, _named_args(good, 64)))
+
+
+def test_tma_alignment_is_part_of_the_tuning_key(launches):
+    """A misaligned view of the same shape, dtype and length as an aligned one gets another key, so it never reuses
+    a TMA config tuned for the aligned buffers (the TMA candidates are pruned by this flag, once per key)."""
+    bad, good = misaligned_views(torch.float32)
+    out_x = torch.empty(1, 256, 128, device=DEVICE)
+    for q in (good, *bad.values()):
+        kern.joint_attention(q, q, q, None, out_x, 0)
+    keys = [tuning_key(d) for d in launches]
+    assert keys == [(2, 1024, 1, 64), (2, 1024, 0, 64), (2, 1024, 0, 64)]
 
 
 def test_peaked_scores():
@@ -300,7 +358,7 @@ def test_every_candidate_gpu(monkeypatch, dtype):
     """Each config the autotuner may pick on this GPU (the TMA forms too, on Hopper) is correct by itself: the
     autotuner only compares speed. A joint case with a key tail and a tile straddling n_ctx, and the x-only case."""
     q, k, v = qkv(2, 3, 1024 + 77, 64, dtype)
-    named = {"Q": q, "K": k, "V": v, "HEAD_DIM": 64,
+    named = {"Q": q, "K": k, "V": v, "HEAD_DIM": 64, "tune_tma": int(kern._tma_ready(q, k, v)),
              **{f"stride_{t}{d}": q.stride(i) for t in "qkv" for i, d in enumerate("bhl")}}  # fmt: skip
     arch = kern._device_arch(q)
     for config in kern._configs_for(arch, named):

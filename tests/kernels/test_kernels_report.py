@@ -8,8 +8,10 @@ of each kernel and load style, bf16, for sm_80 and sm_90 (the full set takes ten
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,9 +33,10 @@ def compiled_mode_env() -> dict:
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
+    """The quick report in two compile processes (the pool's workers must end as quietly as they started)."""
     out = tmp_path_factory.mktemp("kernels") / "report.json"
     cmd = [sys.executable, "-m", "fastsd35", "kernels", "--arch", "sm_80,sm_90", "--dtype", "bf16", "--quick",
-           "--json", str(out)]  # fmt: skip
+           "--jobs", "2", "--json", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=compiled_mode_env(), cwd=ROOT, timeout=600)
     rows = json.loads(out.read_text()) if out.exists() else None
     return proc, rows
@@ -48,9 +51,13 @@ def test_quick_report_exits_0_with_every_kernel(quick_report):
         assert {"kernel", "arch", "dtype", "config", "registers", "stack_bytes", "shared_bytes", "wgmma", "tma", "ok"} <= set(r)
         assert r["ok"] and r["stack_bytes"] == 0 and r["spill_stores"] == 0, r
         assert 0 < r["registers"] <= 255 and r["shared_bytes"] <= r["shared_limit"], r
-    # The table: a header and one line per variant.
+    # The table: a header and one line per variant; on stderr what is compiled and the count, nothing else (no
+    # worker's traceback when the pool ends its processes).
     lines = proc.stdout.strip().splitlines()
     assert lines[0].split()[:4] == ["kernel", "arch", "dtype", "config"] and len(lines) == len(rows) + 1
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 2 and err[0] == f"compiling {len(rows)} kernel variants for sm_80, sm_90 ...", proc.stderr
+    assert re.fullmatch(rf"{len(rows)} variants, 0 failed, \d+ s", err[1]), proc.stderr
 
 
 def test_quick_report_instructions(quick_report):
@@ -133,9 +140,104 @@ def test_bad_arguments(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_json_into_a_folder(capsys, tmp_path):
-    assert cli.main(["kernels", "--json", str(tmp_path)]) == 2
-    assert "is a folder" in capsys.readouterr().err
+def _json_targets(tmp_path: Path) -> dict:
+    """--json values that cannot be written, and the reason each must give."""
+    (tmp_path / "file").write_text("x")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "r.json")
+    proc = {"/proc/r.json": "cannot write in /proc"} if Path("/proc/self").exists() else {}  # even for root
+    return proc | {
+        str(tmp_path / "dangling"): f"{tmp_path / 'dangling'} is a link to nothing",
+        str(tmp_path / "r\0.json"): "a path cannot hold a NUL byte",
+        str(tmp_path): "is a folder, not a file",
+        str(tmp_path / "missing" / "r.json"): f"the folder {tmp_path / 'missing'} does not exist",
+        str(tmp_path / "file" / "r.json"): f"{tmp_path / 'file'} is a file, not a folder",
+        str(tmp_path / "fifo"): "is a FIFO, not a file",
+        str(tmp_path / ("n" * 300 + ".json")): "",  # the file system's name limit
+        str(tmp_path / ("n" * 300) / "r.json"): "",
+    }
+
+
+def test_json_that_cannot_be_written_is_refused_before_compiling(capsys, tmp_path, monkeypatch):
+    """Every --json that could not be written at the end is one line and exit 2 before anything is planned or
+    compiled (the full report takes minutes), and nothing is created."""
+    monkeypatch.setattr(checks, "INTERPRET", False)
+
+    def never(*args, **kwargs):
+        raise AssertionError("planned or compiled before --json was checked")
+
+    monkeypatch.setattr(report, "plan", never)
+    monkeypatch.setattr(report, "compile_all", never)
+    for target, why in _json_targets(tmp_path).items():
+        before = sorted(tmp_path.iterdir())
+        assert cli.main(["kernels", "--json", target]) == 2, target
+        err = capsys.readouterr().err
+        assert err.startswith("fastsd35: error: --json ") and err.count("\n") == 1, err
+        assert why in err, err
+        assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+def test_compile_workers_do_not_inherit_the_cli_signal_handlers(monkeypatch):
+    """The pool ends its workers with SIGTERM when it closes: a worker with the CLI's handler (SIGTERM raises, for the
+    clean-up of `fastsd35 run`) printed a traceback then, on every successful run that raced it. Workers take the
+    default SIGTERM/SIGHUP and ignore SIGINT (the parent stops the pool)."""
+    def probe(job):  # runs in the worker
+        return tuple(signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT))
+
+    monkeypatch.setattr(report, "_compile", probe)
+    with cli.signals_as_interrupts():
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        found = report.compile_all([None] * 4, workers=2)
+    assert set(found) == {(signal.SIG_DFL, signal.SIG_DFL, signal.SIG_IGN)}
+
+
+# A SIGTERM that arrives while the pool forks its workers: sent from an at-fork callback, where a raising handler's
+# exception is printed and ignored (the logging module has such a callback): the signal must not be lost.
+SIGTERM_WHILE_FORKING = """
+import os, signal, sys
+os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM))
+from fastsd35.app import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+def test_sigterm_while_the_pool_forks_is_not_lost(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-c", SIGTERM_WHILE_FORKING, "kernels", "--arch", "sm_80", "--dtype", "bf16", "--jobs", "2",
+           "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=compiled_mode_env(), cwd=ROOT, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 143, lines
+    assert lines[1:] == ["fastsd35: SIGTERM received: stopped, nothing partial written"], lines
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+def test_sigterm_while_compiling_in_workers(tmp_path):
+    """SIGTERM while forked workers compile: one line, exit 143, no worker traceback, no JSON, nothing left running."""
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "fastsd35", "kernels", "--jobs", "2", "--json", str(out)]  # all 306 variants: minutes
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=compiled_mode_env(), cwd=ROOT,
+                            start_new_session=True)  # fmt: skip
+    seen, deadline = b"", time.monotonic() + 300
+    while not re.search(rb"^compiling .*\n", seen, re.M):  # planned (the whole line): the pool starts its workers
+        chunk = proc.stderr.read1(4096)
+        assert chunk and time.monotonic() < deadline, seen.decode()
+        seen += chunk
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    lines = (seen + err).decode().strip().splitlines()
+    assert proc.returncode == 143, lines
+    assert lines[1:] == ["fastsd35: SIGTERM received: stopped, nothing partial written"], lines
+    assert not out.exists()
+    # The workers are ended with it; a compiler (ptxas) one of them had started finishes its one compile and exits.
+    deadline = time.monotonic() + 120
+    with pytest.raises(ProcessLookupError):
+        while time.monotonic() < deadline:
+            os.killpg(proc.pid, 0)
+            time.sleep(0.2)
 
 
 def test_refuses_the_interpreter(capsys):
