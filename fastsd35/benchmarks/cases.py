@@ -29,8 +29,10 @@ import torch.nn as nn
 from .. import kernels
 from ..models.mmditx import CONFIGS, FREQ_DIM, HEAD_DIM, FastMMDiTX, MMDiTX, MMDiTXConfig
 
-PARTS = ("kernels", "transformer", "e2e", "multigpu", "serve")  # "serve" is registered by fastsd35.app.serve.bench
-DEFAULT_PARTS = PARTS[:-1]  # what runs without --only: the HTTP server (the serve extra) is asked for by name
+PARTS = ("kernels", "transformer", "e2e", "multigpu", "cache", "serve")  # "serve": registered by fastsd35.app.serve.bench
+# What runs without --only: the step cache (40-step generations) and the HTTP server (the serve extra) are asked for
+# by name.
+DEFAULT_PARTS = PARTS[:-2]
 MODELS = {"large": "sd3.5_large", "medium": "sd3.5_medium"}
 REDUCED = {  # the CPU's stand-ins: the released structure (qk-norm; MMDiT-X blocks for medium) at depth 3
     "large": MMDiTXConfig(depth=3, pos_embed_max_size=32, qk_norm="rms"),
@@ -531,13 +533,13 @@ def full_size_text_encoders(device, dtype, t5: bool = True):
 
 
 @contextmanager
-def _e2e_components(device: torch.device, dtype: torch.dtype, full: bool):
+def _e2e_components(device: torch.device, dtype: torch.dtype, full: bool, variant: str = "sd3.5_large"):
     from ..models.vae import SDVAE, VAEConfig
     from ..pipeline.runner import SAMPLING_HEADROOM_BYTES, TEXT_ENCODER_BYTES
     from ..tiny.family import TINY_MMDITX_CONFIG, TINY_VAE_CONFIG, tiny_text_encoders
 
     if full:
-        transformer = random_weights_(FastMMDiTX.empty(CONFIGS["sd3.5_large"], dtype=dtype, device=device))
+        transformer = random_weights_(FastMMDiTX.empty(CONFIGS[variant], dtype=dtype, device=device))
         vae = random_weights_(SDVAE.empty(VAEConfig(), dtype=dtype, device=device))
         room = TEXT_ENCODER_BYTES[True] + SAMPLING_HEADROOM_BYTES  # T5-XXL in bf16 and sampling at 1024x1024
         t5 = device.type != "cuda" or torch.cuda.mem_get_info(device)[0] > room
@@ -598,6 +600,74 @@ def e2e_cases(device, dtype=None, full: bool | None = None) -> list[Case]:
     )]  # fmt: skip
 
 
+# Step caching (fastsd35.pipeline.caching): the same generation without the cache (the baseline), with it at threshold
+# 0 (every step computed in stages: the same images bit for bit, and the staging's and the decisions' cost), at the
+# default settings (with random weights the first blocks change too much for any step to be reused: the decisions'
+# cost), and allowing every skip (the most the warm-up and max-skip settings save). The last is checked against the
+# baseline's images within CACHE_TOLERANCE (relative L2): on the tiny random model every skip measured 0.09, another
+# prompt 0.25, broken output (zeros, noise) 0.65 and more.
+CACHE_TOLERANCE = 0.2
+CACHE_CONTENDERS = {"threshold 0": (0.0, 0.0), "default": (None, CACHE_TOLERANCE), "every skip": (1e9, CACHE_TOLERANCE)}
+
+
+@contextmanager
+def _cached_generate(preset: str, graphs: bool, threshold, tolerance, steps: int, size: int, components):
+    from ..pipeline.caching import CacheConfig
+    from ..pipeline.runner import Pipeline
+
+    if graphs and components.transformer.device.type != "cuda":
+        raise Skip("CUDA graphs need CUDA")
+    if isinstance(components.transformer, FastMMDiTX):
+        _need_triton(components.transformer.device)
+    pipe = Pipeline(components.transformer, components.vae, components.text, preset, graphs=graphs)
+    cache = None if threshold is False else CacheConfig() if threshold is None else CacheConfig(threshold=threshold)
+    stages, extra = [], {"transformer": type(components.transformer).__name__, "text_encoders": components.note}
+
+    def fn():
+        generation = pipe.generate(PROMPT, seed=23, steps=steps, width=size, height=size, cache=cache, progress=False)
+        stages.append(generation.timings)
+        if generation.cache:
+            extra.update(passes=generation.cache["passes"], computed=generation.cache["computed"],
+                         schedule=generation.cache["schedule"], decide_ms=generation.cache["decide_s"] * 1e3)
+        return torch.from_numpy(np.stack([np.asarray(image) for image in generation.images]).astype(np.float32))
+
+    try:
+        yield Prepared(fn, extra, stages, tolerance=tolerance)
+    finally:
+        if graphs:
+            pipe.model_pass.clear()
+
+
+def cache_cases(device, dtype=None, full: bool | None = None, models=("large", "medium")) -> list[Case]:
+    """A whole generation with and without the step cache: on CUDA the large and medium presets (40 and 50 steps, CFG,
+    1024x1024, full-size random weights, CUDA graphs); on the CPU the tiny random model (16 steps, 64x64, reference
+    ops)."""
+    from ..pipeline.presets import get_preset
+    from ..tiny.family import TINY_MMDITX_CONFIG
+
+    device = torch.device(device)
+    full = device.type == "cuda" if full is None else full
+    cases = []
+    for model in (models if full else ("tiny",)):
+        preset = get_preset({"large": "large", "medium": "medium", "tiny": "tiny_random"}[model])
+        s = preset.resolve()
+        steps, size = (s.steps, s.width) if full else (16, 64)
+        config = CONFIGS[preset.variant] if full else TINY_MMDITX_CONFIG
+        dtype_ = dtype or (torch.bfloat16 if full else torch.float32)
+        graphs = device.type == "cuda"
+        shape = dict(images=1, size=f"{size}x{size}", steps=steps, cfg=s.cfg, sampler=s.sampler)
+        run = partial(_cached_generate, preset.name, graphs)
+        contenders = [Contender("off", partial(run, False, None, steps, size), baseline=True)]
+        contenders += [Contender(f"cache, {name}", partial(run, threshold, tol, steps, size))
+                       for name, (threshold, tol) in CACHE_CONTENDERS.items()]  # fmt: skip
+        cases.append(Case(
+            "cache", preset.name, model, shape, contenders,
+            partial(_e2e_components, device, dtype_, full, preset.variant if full else "sd3.5_large"),
+            flops=steps * mmditx_flops(config, 2, 154, (size // 16) ** 2), rate_stage="sample",
+        ))  # fmt: skip
+    return cases
+
+
 # Each part's cases: builder(device, models, dtype, full) -> list[Case]. The parts register themselves (`register`);
 # multi_gpu.py registers "multigpu" when fastsd35.benchmarks is imported (its __init__ imports every part).
 BUILDERS: dict[str, Callable[..., list[Case]]] = {}
@@ -621,6 +691,11 @@ def _kernel_part(device, models, dtype, full) -> list[Case]:
 @register("transformer")
 def _transformer_part(device, models, dtype, full) -> list[Case]:
     return [case for model in models for case in transformer_cases(geometry(model, device, dtype, full))]
+
+
+@register("cache")
+def _cache_part(device, models, dtype, full) -> list[Case]:
+    return cache_cases(device, dtype, full, tuple(m for m in models if m in ("large", "medium")) or ("large",))
 
 
 @register("e2e")

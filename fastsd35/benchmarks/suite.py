@@ -80,6 +80,7 @@ SCHEDULES = {  # part -> (full, quick)
     "kernels": (Schedule(25, 3, 0.005), Schedule(8, 1, 0.002)),
     "transformer": (Schedule(10, 1), Schedule(3)),
     "e2e": (Schedule(3), Schedule(1)),
+    "cache": (Schedule(3), Schedule(1)),
     "multigpu": (Schedule(3), Schedule(1)),
     "serve": (Schedule(3), Schedule(1)),
 }

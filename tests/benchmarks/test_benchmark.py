@@ -392,3 +392,30 @@ def test_an_interrupted_suite_keeps_what_it_measured(tmp_path, monkeypatch):
     record = results_file(tmp_path)
     assert [r["contender"] for c in record["cases"] for r in c["results"]] == done == ["torch", "triton"]
     assert logged[-1] == f"interrupted: wrote what was measured to {tmp_path / (record['device_slug'] + '.json')}"
+
+
+def test_the_step_cache_part_checks_its_contenders(monkeypatch):
+    """`--only cache`: off, threshold 0 (checked to be the same images exactly), the defaults and every skip allowed
+    (checked within the cache's tolerance); a cache that reuses garbage fails the check. Not in the default parts."""
+    assert "cache" in bc.PARTS and "cache" not in bc.DEFAULT_PARTS
+    [case] = bc.build_cases("cpu", ("cache",))
+    assert [c.name for c in case.contenders] == ["off", "cache, threshold 0", "cache, default", "cache, every skip"]
+    monkeypatch.setattr(bc, "_cached_generate", partial(_fewer_steps, bc._cached_generate))
+    with case.inputs() as inputs:
+        check = fb.OutputCheck()
+        results = [fb.run_contender(case, c, inputs, device="cpu", quick=True, check=check,
+                                    timer=lambda fn, **kw: [0.001]) for c in case.contenders]  # fmt: skip
+        assert [r.error for r in results] == [None] * 4, [r.error for r in results]
+        assert results[1].extra["rel_error"] == 0.0 and results[3].extra["computed"] < results[3].extra["passes"]
+
+        import fastsd35.pipeline.runner as runner
+
+        monkeypatch.setattr(runner.TransformerPass, "reuse", lambda self, head, tail, *, hw: torch.zeros(
+            head["x"].shape[0], 16, *hw))  # a reuse that makes nothing of the kept residual
+        broken = fb.run_contender(case, case.contenders[3], inputs, device="cpu", quick=True, check=check,
+                                  timer=lambda fn, **kw: [0.001])  # fmt: skip
+        assert broken.error and "disagrees with off" in broken.error
+
+
+def _fewer_steps(build, preset, graphs, threshold, tolerance, steps, size, components):
+    return build(preset, graphs, threshold, tolerance, 8, 32, components)
