@@ -60,6 +60,8 @@ MODULES: dict[str, list[str]] = {
     "fastsd35/weights/controlnet.py": ["tests/models/test_controlnet.py"],
     "fastsd35/models/mmditx.py": ["tests/models/test_mmditx.py", "tests/models/test_fp8_layers.py"],
     "fastsd35/models/controlnet.py": ["tests/models/test_controlnet.py"],
+    "fastsd35/tiny/scenes.py": ["tests/tiny/test_scenes.py"],
+    "fastsd35/tiny/autoencoder.py": ["tests/tiny/test_train.py"],
     # the kernels' report cases (`@report_case`) run only in the compile report's child process: test_kernels_report
     "fastsd35/kernels/fused_adaln_modulate.py": ["tests/kernels/test_kernels_adaln.py", "tests/kernels/test_kernels_adaln_fp8.py",
                                                  "tests/kernels/test_kernels_degenerate.py",

@@ -122,7 +122,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "tiny", "custom", ("tiny.safetensors",),
-            shift=1.0, steps=16, cfg=4.5, sampler="dpmpp_2m", width=64, height=64, built_in=True,
+            shift=3.0, steps=16, cfg=1.5, sampler="dpmpp_2m", width=64, height=64, built_in=True,
             description="a small SD3 trained on simple scenes ('a red circle on a blue background'; "
                         "fastsd35.tiny.scenes), shipped with the package: seconds on a CPU",
         ),

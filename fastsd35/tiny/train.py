@@ -1,21 +1,23 @@
 """Train the tiny SD3 family on `fastsd35.tiny.scenes` and write it as a model folder in the official layout:
 
-    python -m fastsd35.tiny.train --out fastsd35/tiny/trained           # the shipped model (seed 0, ~20 min, 2 cores)
+    python -m fastsd35.tiny.train --out fastsd35/tiny/trained           # the shipped model (seed 0; README: time)
     python -m fastsd35.tiny.train --out DIR --vae-steps 2 --steps 2    # a smoke run
 
-1. The VAE (`tiny.TRAINED_VAE_CONFIG`, 16 latent channels, factor 8) starts as an exact autoencoder of each 8x8
-   block's mean colour (`colour_passing_init_`: how colours get through its GroupNorms), then its decoder's residual
-   branches learn to draw the scenes' edges from those latents (`train_vae`).
+1. The VAE (`tiny.TRAINED_VAE_CONFIG`, 16 latent channels, factor 8): a constructed encoder whose latent holds the
+   mean colours of each 8x8 block's four 4x4 sub-blocks, and a decoder that starts as its block-mean inverse and
+   learns to draw the scenes' sharp edges (`fastsd35.tiny.autoencoder`).
 2. The text encoders are the random-weight tiny CLIP-L / CLIP-G / T5 (`tiny_text_encoders`), frozen: every caption's
    context and pooled vectors are computed once.
-3. The transformer (`tiny.TRAINED_MMDITX_CONFIG`) learns the SD3 objective: rectified flow x = sigma*noise +
+3. The transformer (`tiny.TRAINED_MMDITX_CONFIG`: 4 blocks) learns the SD3 objective: rectified flow x = sigma*noise +
    (1-sigma)*x0 with target v = noise - x0 (the samplers denoise with x - v*sigma), sigma = the preset's shift applied
-   to a logit-normal t, the caption replaced by the empty prompt 10% of the time for CFG. The weights written are
-   an exponential moving average.
+   to a logit-normal t, the caption replaced by the empty prompt 10% of the time for CFG; AdamW with a warm-up and a
+   cosine decay. The weights written are an exponential moving average.
 
-Everything is seeded: the same seed and step counts give the same files on the same torch build. The files are fp16,
-as the releases; the folder loads with `Pipeline.from_pretrained(DIR, "tiny")` / `fastsd35 run --preset tiny
---model DIR`, and each checkpoint is scored with `tiny_scenes.adherence`. `--preset tiny` without `--model` loads the
+The decoder trains in a second process beside the transformer (the transformer needs only the constructed encoder),
+each process on one thread: everything is seeded, so the same seed and steps give the same files on the same torch
+build and CPU kind, whatever the core count (GEMM results depend on the thread count). The files are fp16, as the releases; the folder loads with
+`Pipeline.from_pretrained(DIR, "tiny")` / `fastsd35 run --preset tiny --model DIR`, and each checkpoint is judged
+with `tiny_scenes.judge` (colours and shapes) and `tiny_scenes.adherence`. `--preset tiny` without `--model` loads the
 copy shipped in the package (`tiny.TRAINED_MODEL_DIR`).
 """
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import shutil
 import sys
 import time
@@ -36,145 +37,29 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..models.mmditx import MMDiTX
-from ..models.vae import SDVAE, AttnBlock, ResnetBlock, process_in
+from ..models.vae import SDVAE
 from ..pipeline.presets import get_preset
 from ..pipeline.sampling import shift_sigma
 from ..weights.vae import load_vae
 from . import family as tiny
 from . import scenes as tiny_scenes
+from .autoencoder import build as build_vae
+from .autoencoder import encode_all, schedule, train_decoder
 
 TEXT_SEED_OFFSET = 2  # the text encoders are tiny_text_encoders(seed + 2), as in tiny.tiny_components
 CAPTION_DROPOUT = 0.1
+# The recipe (README "The tiny model" gives its time): VAE decoder steps, transformer steps and batch, checkpoints.
+VAE_STEPS, STEPS, BATCH, EVERY = 600, 1800, 32, 600
 
 
 # -- data --------------------------------------------------------------------------------------------------------
 
 
-def scene_images() -> tuple[torch.Tensor, list[str]]:
-    """The whole dataset as (N, 3, 64, 64) float32 in [-1, 1] and the N captions."""
-    scenes = tiny_scenes.all_scenes()
+def scene_images(every_nth: int = 1) -> tuple[torch.Tensor, list[str]]:
+    """The dataset (every `every_nth` scene) as (N, 3, 64, 64) float32 in [-1, 1] and the N captions."""
+    scenes = tiny_scenes.all_scenes()[::every_nth]
     pixels = np.stack([s.render() for s in scenes]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [s.caption for s in scenes]
-
-
-# -- VAE ---------------------------------------------------------------------------------------------------------
-
-LOGVAR_TARGET = 2 * math.log(0.05)  # a posterior std of 0.05 in raw latent units
-REFERENCE = 20.0  # amplitude of the fixed pattern that gives each colour-carrying norm group its scale
-SILU_AT = 8.0  # the norm_out bias that puts both channels of a pair where SiLU is almost the identity
-LATENT_NOISE = 0.02  # std of the noise added to the latents the decoder trains on (raw units)
-
-
-@torch.no_grad()
-def colour_passing_init_(vae: SDVAE, images: torch.Tensor, seed: int) -> SDVAE:
-    """Set `vae` to an exact autoencoder of the 8x8-block mean colours, the starting point of `train_vae`.
-
-    Why: the scenes are flat colours, and a GroupNorm normalises each image's groups to mean 0 and std 1. With two
-    channels per group (64 channels, 32 groups) a flat colour comes out of the norm as +-1 whatever it was, so a VAE
-    of this size trained from random weights learns colours very slowly (measured: after 300 steps green and blue
-    still decoded alike). Only `norm_out` (encoder and decoder) stands in the colours' way: everything else is
-    residual. So each colour c enters a group as the pair (K P + c, K P - c), where P is a fixed pattern made from
-    a constant channel by a convolution's zero padding (the first downsample's bottom/right padding in the encoder,
-    the first upsample's top/left padding in the decoder): the group's mean is K mean(P) and its variance
-    K^2 var(P) + mean(c^2), independent of c to first order, so the normalised difference of the pair is
-    2c / (K std(P)): the colour, linearly. conv_out takes that difference, with one gain per side fitted on
-    `images` (the pattern's statistics are those of a 64x64 image: other sizes shift the colours).
-
-    The result: the encoder's posterior mean is a fixed random mix (16 x 3, seeded) of each 8x8 block's mean colour,
-    the log-variance LOGVAR_TARGET; the decoder unmixes it and repeats it over the block; every residual branch
-    (ResnetBlock conv2, attention proj_out) is zero, for `train_vae` to teach the decoder the edges."""
-    cfg, (enc, dec) = vae.config, (vae.encoder, vae.decoder)
-    C = cfg.ch
-    if any(c != C for c in cfg.channels) or C != 2 * cfg.norm_groups or cfg.latent_channels < 3:
-        raise ValueError(f"colour_passing_init_ needs equal widths of two channels per norm group: {cfg}")
-    ref, pairs = C - 1, [(2 * i, 2 * i + 1) for i in range(3)]  # the constant channel; colour i in group i
-
-    def clear(conv):
-        conv.weight.zero_()
-        conv.bias.zero_()
-
-    for m in vae.modules():
-        if isinstance(m, ResnetBlock):
-            clear(m.conv2)
-        elif isinstance(m, AttnBlock):
-            clear(m.proj_out)
-    clear(enc.conv_in)  # rgb -> (+c, -c) pairs, the constant channel
-    for i, (a, b) in enumerate(pairs):
-        enc.conv_in.weight[a, i, 1, 1], enc.conv_in.weight[b, i, 1, 1] = 1.0, -1.0
-    enc.conv_in.bias[ref] = 1.0
-    for level in enc.down:
-        if level.downsample is not None:  # each channel's 2x2 mean
-            clear(level.downsample.conv)
-            level.downsample.conv.weight[range(C), range(C), :2, :2] = 0.25
-    pattern_taps = [(enc.down[0].downsample.conv, 2), (dec.up[-1].upsample.conv, 0)]  # the tap that hits padding
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(cfg.latent_channels, 3, generator=g)
-    mix /= mix.norm(dim=1, keepdim=True)
-    unmix = torch.linalg.pinv(mix)  # (3, latent)
-    clear(dec.conv_in)  # latent -> (+c, -c) pairs, the constant channel
-    for i, (a, b) in enumerate(pairs):
-        dec.conv_in.weight[a, :, 1, 1], dec.conv_in.weight[b, :, 1, 1] = unmix[i], -unmix[i]
-    dec.conv_in.bias[ref] = 1.0
-    for level in dec.up:
-        if level.upsample is not None:  # nearest x2, then the identity
-            clear(level.upsample.conv)
-            level.upsample.conv.weight[range(C), range(C), 1, 1] = 1.0
-    for conv, tap in pattern_taps:
-        for channel in (c for pair in pairs for c in pair):
-            conv.weight[channel, ref, tap, tap] = REFERENCE
-    half = cfg.latent_channels
-    for side in (enc, dec):
-        side.norm_out.weight.fill_(1.0)
-        side.norm_out.bias.fill_(SILU_AT)
-        clear(side.conv_out)
-    enc.conv_out.bias[half:] = LOGVAR_TARGET
-    for i, (a, b) in enumerate(pairs):
-        enc.conv_out.weight[:half, a, 1, 1], enc.conv_out.weight[:half, b, 1, 1] = mix[:, i], -mix[:, i]
-        dec.conv_out.weight[i, a, 1, 1], dec.conv_out.weight[i, b, 1, 1] = 1.0, -1.0
-    # the gains: least squares against the block means (encoder), then against their repetition (decoder)
-    blocks = F.avg_pool2d(images, 8)
-    got = torch.einsum("cl,blhw->bchw", unmix, enc(images)[:, :half])
-    enc.conv_out.weight[:half] *= (got * blocks).sum() / (got * got).sum()
-    got = dec(torch.einsum("lc,bchw->blhw", mix, blocks))
-    want = F.interpolate(blocks, scale_factor=8, mode="nearest")
-    dec.conv_out.weight *= (got * want).sum() / (got * got).sum()
-    return vae
-
-
-def train_vae(images: torch.Tensor, steps: int, seed: int, batch: int = 8, lr: float = 5e-4,
-              log=print) -> tuple[SDVAE, torch.Tensor]:
-    """`colour_passing_init_`, then the decoder's residual branches learn to draw the scenes from the latents (with
-    LATENT_NOISE added, as the transformer's latents will not be exact): sharp edges instead of 8x8 blocks. The
-    encoder stays the exact block-mean encoder, and the colour path (conv_in/out, resampling, norm_out) stays as
-    set: with them trainable, lr 2e-4 already undid the colours before the edges improved. Returns the VAE and the
-    raw posterior means of `images` (the transformer's data, after process_in)."""
-    torch.manual_seed(seed)
-    vae = SDVAE(tiny.TRAINED_VAE_CONFIG).eval().requires_grad_(False)
-    colour_passing_init_(vae, images[:: max(1, len(images) // 40)], seed)
-    latents = encode_all(vae, images, process=False)
-    branches = [p for m in vae.decoder.modules() if isinstance(m, (ResnetBlock, AttnBlock)) for p in m.parameters()]
-    for p in branches:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(branches, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        pick = torch.randint(len(images), (batch,), generator=g)
-        z = latents[pick] + LATENT_NOISE * torch.randn(latents[pick].shape, generator=g)
-        recon = F.mse_loss(vae.decoder(z), images[pick])
-        opt.zero_grad(set_to_none=True)
-        recon.backward()
-        opt.step()
-        if step % 50 == 0 or step == steps:
-            log(f"vae step {step}/{steps}: recon {recon.item():.5f} ({time.perf_counter() - start:.0f} s)")
-    return vae.eval().requires_grad_(False), latents
-
-
-@torch.no_grad()
-def encode_all(vae: SDVAE, images: torch.Tensor, batch: int = 128, process: bool = True) -> torch.Tensor:
-    """Posterior means, after process_in (the transformer's x0) unless `process` is False (raw, as decoded)."""
-    means = torch.cat([vae.encoder(images[i : i + batch]).chunk(2, dim=1)[0] for i in range(0, len(images), batch)])
-    return process_in(means) if process else means
 
 
 # -- transformer -------------------------------------------------------------------------------------------------
@@ -272,10 +157,10 @@ class Conditioning:
 
 
 def train_transformer(latents: torch.Tensor, caption_ids: torch.Tensor, cond: Conditioning, steps: int, seed: int, *,
-                      shift: float, batch: int = 64, lr: float = 1e-3, warmup: int = 100, ema_decay: float = 0.998,
-                      checkpoint=None, every: int = 0, log=print) -> MMDiTX:
+                      shift: float, batch: int = 32, lr: float = 1e-3, warmup: int = 100, ema_decay: float = 0.998,
+                      checkpoint=None, every: int = 0, config=None, log=print) -> MMDiTX:
     """Rectified-flow training; returns the EMA model. `checkpoint(ema_model, step)` is called every `every` steps."""
-    model = init_transformer(MMDiTX(tiny.TRAINED_MMDITX_CONFIG), seed).train()
+    model = init_transformer(MMDiTX(config or tiny.TRAINED_MMDITX_CONFIG), seed).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     ema_params = list(ema.parameters())
@@ -285,7 +170,7 @@ def train_transformer(latents: torch.Tensor, caption_ids: torch.Tensor, cond: Co
     start, running = time.perf_counter(), None
     for step in range(1, steps + 1):
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, step / warmup)
+            group["lr"] = lr * schedule(step, steps, warmup)
         pick = torch.randint(len(latents), (batch,), generator=g)
         x0 = latents[pick]
         ids = caption_ids[pick].clone()
@@ -330,78 +215,195 @@ def write_folder(out: Path, transformer: MMDiTX, vae: SDVAE, text) -> Path:
     return out
 
 
-def evaluate(folder: Path, n: int = 6, seed: int = 1, log=print) -> float:
-    """Mean adherence of `n` generations (captions spread over the dataset) at 64x64 with the tiny preset's settings,
-    loaded from `folder` by the same loaders as real checkpoints."""
+def evaluate(folder: Path, seeds=(23,), grid: Path | None = None, log=print) -> dict:
+    """Generate each of `tiny_scenes.CHECK_CAPTIONS` for `seeds` (one batch per caption: seed, seed + 1, ... must be
+    consecutive) at 64x64 with the tiny preset's settings, loaded from `folder` by the same loaders as real
+    checkpoints, and judge them: the fractions with the colours right and with the shape right (`tiny_scenes.judge`)
+    and the mean `adherence`. `grid`: also write the images there as a PNG, a column per caption and a row per seed,
+    at twice their size."""
     from ..pipeline.runner import Pipeline
 
+    seeds = list(seeds)
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"seeds must be consecutive (one batch per caption), got {seeds}")
     pipe = Pipeline.from_pretrained(folder, "tiny", device="cpu", fast=False)
-    captions = tiny_scenes.captions()[:: max(1, len(tiny_scenes.captions()) // n)][:n]
-    images = pipe(captions, seed=seed, width=tiny_scenes.SIZE, height=tiny_scenes.SIZE, progress=False)
-    scores = [tiny_scenes.adherence(im, c) for im, c in zip(images, captions)]
-    mean = float(np.mean([s.score for s in scores]))
-    shapes = sum(s.best_shape == tiny_scenes.parse_caption(c).shape for s, c in zip(scores, captions))
-    log(f"adherence over {n} captions: mean {mean:.3f}, min {min(s.score for s in scores):.3f}, "
-        f"shape right {shapes}/{n}")
-    return mean
+    captions = list(tiny_scenes.CHECK_CAPTIONS)
+    images = [pipe(caption, seed=seeds[0], batch_size=len(seeds), progress=False) for caption in captions]
+    colours = shapes = 0
+    scores = []
+    for caption, column in zip(captions, images):
+        for image in column:
+            judged = tiny_scenes.judge(image, caption)
+            colours += judged.colours_right
+            shapes += judged.shape == tiny_scenes.parse_caption(caption).shape
+            scores.append(tiny_scenes.adherence(image, caption).score)
+    n = len(scores)
+    result = dict(colours=colours / n, shapes=shapes / n, adherence=float(np.mean(scores)))
+    log(f"{n} images: colours right {colours}/{n}, shape right {shapes}/{n}, mean adherence {result['adherence']:.3f}")
+    if grid is not None:
+        write_grid(grid, images)
+        log(f"wrote {grid}")
+    return result
 
 
-def train(out, *, seed: int = 0, vae_steps: int = 1000, steps: int = 3000, batch: int = 64, every: int = 500,
-          evaluate_checkpoints: bool = True, vae_from=None, every_nth_scene: int = 1, log=print) -> Path:
-    """The whole recipe: dataset -> VAE -> latents -> transformer -> `out` (written after the VAE, at checkpoints and
-    at the end). `vae_from`: reuse the VAE of a model folder or file instead of training one. `every_nth_scene`:
-    train on a subset (27 keeps one layout of every caption; for smoke runs)."""
-    images, captions = scene_images()
-    images, captions = images[::every_nth_scene], captions[::every_nth_scene]
+def write_grid(path: Path, columns, gap: int = 4, zoom: int = 2) -> Path:
+    """Lay out columns of equal-size images side by side on white, `gap` pixels apart, enlarged `zoom` times."""
+    from PIL import Image
+
+    w, h = columns[0][0].size
+    rows = max(len(c) for c in columns)
+    sheet = Image.new("RGB", (len(columns) * (w + gap) - gap, rows * (h + gap) - gap), "white")
+    for i, column in enumerate(columns):
+        for j, image in enumerate(column):
+            sheet.paste(image, (i * (w + gap), j * (h + gap)))
+    sheet = sheet.resize((sheet.width * zoom, sheet.height * zoom), Image.Resampling.NEAREST)
+    sheet.save(path)
+    return Path(path)
+
+
+def train(out, *, seed: int = 0, vae_steps: int = VAE_STEPS, steps: int = STEPS, batch: int = BATCH,
+          every: int = EVERY, evaluate_checkpoints: bool = True, vae_from=None, every_nth_scene: int = 1,
+          parallel: bool = True, log=print) -> Path:
+    """The whole recipe: dataset -> VAE -> latents -> transformer -> `out` (written at checkpoints and at the end).
+
+    The transformer's latents need only the VAE's constructed encoder, so the decoder trains meanwhile in a second
+    process (`parallel`; inline otherwise: the same bytes, one after the other), each single-threaded: deterministic
+    whatever the machine's core count, and the two cores of a small machine both busy. Checkpoints before the decoder
+    is done carry the constructed block-mean decoder. `vae_from`: reuse the VAE of a model folder or file instead.
+    `every_nth_scene`: train on a subset (3 keeps one size of every caption, 9 one scene of every colour pair; for
+    smoke runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(Path(out), seed, vae_steps, steps, batch, every, evaluate_checkpoints, vae_from, every_nth_scene,
+                      parallel, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(out, seed, vae_steps, steps, batch, every, evaluate_checkpoints, vae_from, every_nth_scene, parallel, log):
+    images, captions = scene_images(every_nth_scene)
     log(f"{len(images)} scenes, {len(set(captions))} captions")
-    if vae_from is None:
-        vae, raw = train_vae(images, vae_steps, seed, log=log)
-        latents = process_in(raw)
-    else:
+    decoder = None
+    if vae_from is not None:
         vae = load_vae(vae_from, dtype=torch.float32, device="cpu")
         log(f"VAE from {vae_from}")
+    elif parallel:
+        vae = build_vae(images, seed)
+        decoder = DecoderProcess(seed, vae_steps, every_nth_scene)
+    else:
+        vae = train_decoder(build_vae(images, seed), images, vae_steps, seed, log=log)
+    try:
         latents = encode_all(vae, images)
-    log(f"latents {tuple(latents.shape)}: mean {latents.mean().item():+.3f} std {latents.std().item():.3f}")
-    from .family import tiny_text_encoders
+        log(f"latents {tuple(latents.shape)}: mean {latents.mean().item():+.3f} std {latents.std().item():.3f}")
+        text = tiny.tiny_text_encoders(seed + TEXT_SEED_OFFSET)
+        cond = Conditioning(text, captions)
 
-    text = tiny_text_encoders(seed + TEXT_SEED_OFFSET)
-    cond = Conditioning(text, captions)
-    shift = get_preset("tiny").shift
+        def checkpoint(model, step):
+            if decoder is not None:
+                decoder.relay(log)
+                if decoder.ready():
+                    decoder.load_into(vae)
+            write_folder(out, model, vae, text)
+            log(f"wrote {out} at step {step}")
+            if evaluate_checkpoints:
+                evaluate(out, log=log)
 
-    def checkpoint(model, step):
-        write_folder(out, model, vae, text)
-        log(f"wrote {out} at step {step}")
-        if evaluate_checkpoints:
-            evaluate(out, log=log)
+        transformer = train_transformer(latents, cond.ids(captions), cond, steps, seed, shift=get_preset("tiny").shift,
+                                        batch=batch, checkpoint=checkpoint, every=every, log=log)
+        if decoder is not None:
+            decoder.load_into(vae)  # waits for it
+            decoder.relay(log)
+        checkpoint(transformer, steps)
+    finally:
+        if decoder is not None:
+            decoder.close()
+    return out
 
-    write_folder(out, init_transformer(MMDiTX(tiny.TRAINED_MMDITX_CONFIG), seed), vae, text)  # the VAE is kept early
-    transformer = train_transformer(latents, cond.ids(captions), cond, steps, seed, shift=shift, batch=batch,
-                                    checkpoint=checkpoint, every=every, log=log)
-    checkpoint(transformer, steps)
-    return Path(out)
+
+class DecoderProcess:
+    """`train_decoder` in a spawned, single-threaded process (`_decoder_main`), which writes the trained decoder to a
+    temporary safetensors file for `load_into` and its log lines to a file for `relay`."""
+
+    def __init__(self, seed: int, steps: int, every_nth_scene: int):
+        import multiprocessing
+        import tempfile
+
+        self.folder = tempfile.TemporaryDirectory(prefix="fastsd35-tiny-decoder-")
+        self.path = Path(self.folder.name) / "decoder.safetensors"
+        self.log_path, self.relayed = Path(self.folder.name) / "log.txt", 0
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_decoder_main, args=(seed, steps, every_nth_scene, str(self.path), str(self.log_path)), daemon=True)
+        self.process.start()
+        self.loaded = False
+
+    def ready(self) -> bool:
+        return not self.process.is_alive()
+
+    def relay(self, log):
+        """Pass the process's log lines written since the last call to `log`."""
+        lines = self.log_path.read_text().splitlines() if self.log_path.is_file() else []
+        for line in lines[self.relayed :]:
+            log(f"VAE process: {line}")
+        self.relayed = len(lines)
+
+    def load_into(self, vae: SDVAE):
+        """Wait for the process, then load its decoder into `vae` (RuntimeError when it failed)."""
+        if self.loaded:
+            return
+        self.process.join()
+        if self.process.exitcode != 0 or not self.path.is_file():
+            raise RuntimeError(f"the VAE decoder's training process failed (exit code {self.process.exitcode})")
+        from safetensors.torch import load_file
+
+        vae.decoder.load_state_dict(load_file(str(self.path)))
+        self.loaded = True
+
+    def close(self):
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+        self.folder.cleanup()
+
+
+def _decoder_main(seed: int, steps: int, every_nth_scene: int, path: str, log_path: str):
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    images, _ = scene_images(every_nth_scene)
+    with open(log_path, "a", buffering=1) as log_file:
+        vae = train_decoder(build_vae(images, seed), images, steps, seed, log=lambda line: print(line, file=log_file))
+    save_file({k: v.contiguous() for k, v in vae.decoder.state_dict().items()}, path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastsd35.tiny.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="model folder to write")
+    parser.add_argument("--out", type=Path, help="model folder to write")
+    parser.add_argument("--evaluate", type=Path, metavar="DIR",
+                        help="train nothing: judge the model folder DIR on the check captions (seeds 23-25)")
+    parser.add_argument("--grid", type=Path, help="with --evaluate: also write the images there as one PNG")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=1000, help="VAE decoder steps")
-    parser.add_argument("--steps", type=int, default=3000, help="transformer steps")
-    parser.add_argument("--batch", type=int, default=64, help="transformer batch size")
-    parser.add_argument("--every", type=int, default=500, help="write (and evaluate) the model every N steps")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--vae-steps", type=int, default=VAE_STEPS, help="VAE decoder steps")
+    parser.add_argument("--steps", type=int, default=STEPS, help="transformer steps")
+    parser.add_argument("--batch", type=int, default=BATCH, help="transformer batch size")
+    parser.add_argument("--every", type=int, default=EVERY, help="write (and evaluate) the model every N steps")
+    parser.add_argument("--inline", action="store_true",
+                        help="train the VAE decoder before the transformer instead of beside it (the same result)")
     parser.add_argument("--vae-from", type=Path, default=None, help="reuse the VAE of this model folder or file")
     parser.add_argument("--no-eval", action="store_true", help="skip the adherence check at each checkpoint")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if (args.out is None) == (args.evaluate is None) or (args.grid and not args.evaluate):
+        parser.error("give --out DIR to train, or --evaluate DIR (optionally with --grid PNG) to judge a model")
     start = time.perf_counter()
 
     def log(message):
         print(f"[{time.perf_counter() - start:7.0f} s] {message}", flush=True)
 
+    if args.evaluate:
+        evaluate(args.evaluate, seeds=(23, 24, 25), grid=args.grid, log=log)
+        return 0
     train(args.out, seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch=args.batch, every=args.every,
-          evaluate_checkpoints=not args.no_eval, vae_from=args.vae_from, log=log)
+          evaluate_checkpoints=not args.no_eval, vae_from=args.vae_from, parallel=not args.inline, log=log)
     return 0
 
 

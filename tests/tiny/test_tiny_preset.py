@@ -1,5 +1,6 @@
-"""The `tiny` preset: the trained tiny family shipped with the package (fastsd35/tiny_model) draws what the prompt
-says, measured on pixels with `tiny_scenes.adherence`, and the paths that must not change a picture do not."""
+"""The `tiny` preset: the trained tiny family shipped with the package (fastsd35/tiny/trained) draws what the prompt
+says, judged on pixels by `tiny_scenes.judge` (colour fractions and the shape of the largest blob: independent of the
+training loss) and `tiny_scenes.adherence`, and the paths that must not change a picture keep those bars."""
 
 import numpy as np
 import pytest
@@ -8,25 +9,26 @@ import torch
 from fastsd35.app import cli
 from fastsd35.pipeline.runner import Pipeline
 from fastsd35.tiny import family as tiny
-from fastsd35.tiny.scenes import SIZE, adherence
+from fastsd35.tiny.scenes import CHECK_CAPTIONS, SIZE, adherence, judge, parse_caption
 
-# One caption per shape, every colour at least once as shape or background.
-CAPTIONS = [
-    "a red circle on a blue background",
-    "a yellow square on a green background",
-    "a white triangle on a red background",
-    "a blue circle on a yellow background",
-    "a green square on a white background",
-]
-# The bar the trained model clears with margin and noise does not come near. Measured on the shipped model
-# (seed 23, 64x64, the preset's 16 steps): README "The tiny model". Coloured noise scores about 0.2.
+CAPTIONS = list(CHECK_CAPTIONS)  # every colour as the shape's and the background's, every shape
+SEEDS = (23, 24, 25)  # `--seed 23 --batch-size 3`: the CLI's default seed and the next two
+# The issue's bars for the 8 captions x 3 seeds, by `judge`: colours right in 95% of the images, the shape in 75%.
+# Measured on the shipped model with the preset's cfg 1.5: 24 and 23 of 24 (README "The tiny model").
+COLOURS_RIGHT, SHAPES_RIGHT = 0.95, 0.75
+# The adherence bars the trained model clears with margin and noise does not come near (coloured noise scores about
+# 0.2, a plain background 0.5), on the same images.
 MIN_SCORE = 0.75
 MIN_MEAN = 0.85
 
 
-@pytest.fixture(autouse=True)
-def reference_ops(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the reference ops, as on a user's CPU (one test turns it back on)
+@pytest.fixture(scope="module", autouse=True)
+def reference_ops():
+    """The reference ops, as on a user's CPU, for the module-scoped fixtures' generations too (one test turns the
+    interpreter back on for itself)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "0")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,20 @@ def pipe():
     return Pipeline.from_preset("tiny", device="cpu")
 
 
+@pytest.fixture(scope="module")
+def checked(pipe):
+    """{caption: its images for SEEDS}, generated once with the preset's settings."""
+    return {caption: pipe(caption, seed=SEEDS[0], batch_size=len(SEEDS), progress=False) for caption in CAPTIONS}
+
+
 def scores(images, captions=CAPTIONS):
     return np.array([adherence(image, caption).score for image, caption in zip(images, captions)])
+
+
+def right(images, captions=CAPTIONS):
+    """(colours right, shape right) per image, by `judge`."""
+    judged = [(judge(image, caption), parse_caption(caption).shape) for image, caption in zip(images, captions)]
+    return np.array([j.colours_right for j, _ in judged]), np.array([j.shape == shape for j, shape in judged])
 
 
 def psnr(a, b) -> float:
@@ -45,43 +59,62 @@ def psnr(a, b) -> float:
 
 
 def test_shipped_files_load_through_the_checkpoint_loaders(pipe):
-    """The preset reads the package's model folder (official layout, well under 10 MB) with the real loaders."""
+    """The preset reads the package's model folder (official layout, fp16, 16 MiB: README says why not 10) with the
+    real loaders."""
     folder = tiny.trained_model_dir()
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
         "clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "tiny.safetensors",
         "tokenizer", "tokenizer_2", "tokenizer_3"]  # fmt: skip
-    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 6 * 2**20
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 16.5 * 2**20
+    assert pipe.transformer.depth >= 4 and tiny.TRAINED_MMDITX_CONFIG.depth >= 4
     assert pipe.transformer.config == tiny.TRAINED_MMDITX_CONFIG and pipe.vae.config == tiny.TRAINED_VAE_CONFIG
     assert pipe.preset.name == "tiny" and (pipe.preset.width, pipe.preset.height) == (SIZE, SIZE)
 
 
-def test_draws_what_the_caption_says(pipe):
-    """Every caption: the named colour where the named shape is (best layout), the background colour elsewhere. The
-    random-weight family fails the same bar."""
-    got = scores(pipe(CAPTIONS, seed=23, progress=False))
+def test_colours_and_shapes_are_right(checked):
+    """The issue's check: over the 8 captions x 3 seeds, the colours right in at least 95% of the images and the shape
+    a person would name in at least 75%, by `judge` (not the training loss, not adherence's layout templates)."""
+    images = [im for caption in CAPTIONS for im in checked[caption]]
+    captions = [caption for caption in CAPTIONS for _ in SEEDS]
+    colours, shapes = right(images, captions)
+    assert colours.mean() >= COLOURS_RIGHT and shapes.mean() >= SHAPES_RIGHT, (colours.mean(), shapes.mean())
+
+
+def test_draws_what_the_caption_says(checked):
+    """Every caption and seed: the named colour where the named shape is (best layout), the background colour
+    elsewhere. The random-weight family fails the same bar."""
+    got = np.array([scores(checked[caption], [caption] * len(SEEDS)) for caption in CAPTIONS])
     assert got.min() >= MIN_SCORE and got.mean() >= MIN_MEAN, got
     noise = Pipeline.from_preset("tiny_random", device="cpu")
     assert scores(noise(CAPTIONS, seed=23, width=SIZE, height=SIZE, steps=4, progress=False)).max() < 0.5
 
 
-def test_guidance_sharpens_adherence(pipe):
-    """cfg 4.5 (the preset's) follows the captions better than cfg 1.0 (no guidance) from the same noise."""
-    guided = scores(pipe(CAPTIONS, seed=5, progress=False)).mean()
-    plain = scores(pipe(CAPTIONS, seed=5, cfg=1.0, progress=False)).mean()
-    assert guided > plain + 0.02, (guided, plain)
+def test_guidance_is_applied_and_strong_guidance_distorts_squares(pipe):
+    """The preset's cfg 1.5 changes the pictures of no guidance (cfg 1, the cond pass alone) from the same noise, and
+    both follow the captions; much stronger guidance pinches the squares' sides (README: the cfg sweep), which a
+    guidance that is not applied (or applied to the wrong pass) would not do."""
+    squares = [c for c in CAPTIONS if "square" in c]
+    guided, plain = (pipe(squares, seed=5, cfg=cfg, progress=False) for cfg in (1.5, 1.0))
+    assert min(psnr(a, b) for a, b in zip(guided, plain)) < 45
+    assert right(guided, squares)[1].all() and right(plain, squares)[1].all()
+    strong = pipe(squares, seed=5, cfg=6.0, progress=False)
+    assert right(strong, squares)[1].sum() <= 1
 
 
 def test_another_sampler_still_follows_the_caption(pipe):
     """euler instead of dpmpp_2m changes the numerics on purpose; the picture must still follow the caption."""
-    got = scores(pipe(CAPTIONS, seed=23, sampler="euler", progress=False))
-    assert got.mean() >= MIN_MEAN - 0.05, got
+    images = pipe(CAPTIONS, seed=23, sampler="euler", progress=False)
+    colours, shapes = right(images)
+    assert scores(images).mean() >= MIN_MEAN - 0.05 and colours.mean() >= 7 / 8 and shapes.mean() >= 5 / 8
 
 
 def test_fp8_still_follows_the_caption():
     """FP8 weights (per-channel scales) change the numerics; the metric must still pass."""
     fp8 = Pipeline.from_preset("tiny", device="cpu", dtype="fp8")
-    got = scores(fp8(CAPTIONS, seed=23, progress=False))
+    images = fp8(CAPTIONS, seed=23, progress=False)
+    got, (colours, shapes) = scores(images), right(images)
     assert got.min() >= MIN_SCORE - 0.05 and got.mean() >= MIN_MEAN - 0.05, got
+    assert colours.mean() >= 7 / 8 and shapes.mean() >= 5 / 8
 
 
 def test_batch_of_two_is_the_same_pictures(pipe):
@@ -93,12 +126,24 @@ def test_batch_of_two_is_the_same_pictures(pipe):
 
 def test_triton_kernels_draw_the_same_picture(monkeypatch):
     """FastMMDiTX on the Triton kernels (interpreter) against the reference ops, on the trained weights."""
-    kw = dict(seed=3, steps=4, progress=False)
+    kw = dict(seed=3, steps=2, width=32, height=32, progress=False)  # the interpreter is slow: 16 tokens, 2 steps
     reference = Pipeline.from_preset("tiny", device="cpu")(CAPTIONS[0], **kw)[0]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     fast = Pipeline.from_preset("tiny", device="cpu")
     assert type(fast.transformer).__name__ == "FastMMDiTX"
     assert psnr(fast(CAPTIONS[0], **kw)[0], reference) >= 40
+
+
+def test_the_command_draws_a_red_square_on_blue(tmp_path):
+    """The issue's "done when": `fastsd35 run --preset tiny --prompt "a red square on a blue background"` draws a red
+    square on blue for most seeds (here the default seed 23 and the next two)."""
+    out = tmp_path / "out"
+    prompt = "a red square on a blue background"
+    assert cli.main(["run", "--preset", "tiny", "--prompt", prompt, "--batch-size", "3", "--out", str(out)]) == 0
+    from PIL import Image
+
+    judged = [judge(Image.open(p), prompt) for p in sorted(out.iterdir())]
+    assert len(judged) == 3 and sum(j.colours_right and j.shape == "square" for j in judged) >= 2, judged
 
 
 def test_from_png_reproduces_the_picture(tmp_path):
