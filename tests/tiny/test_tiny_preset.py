@@ -182,3 +182,17 @@ def test_an_installation_without_the_model_files_says_so(tmp_path, monkeypatch, 
     assert cli.main(["run", "--preset", "tiny", "--prompt", "a", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the tiny model is missing" in err and not (tmp_path / "out").exists()
+
+
+def test_four_blocks_in_the_official_layout_cannot_fit_10_mb():
+    """Why the shipped model is 16 MB (README "The tiny model"): the official layout makes the width 64 x depth, and
+    at 4 blocks the adaLN modulations and the attention projections alone, which no config option shrinks, hold
+    about 5 M parameters: over 10 MB in fp16 before any MLP, VAE or text encoder."""
+    from fastsd35.models.mmditx import MMDiTX, MMDiTXConfig
+
+    smallest = MMDiTX(MMDiTXConfig(depth=4, patch_size=1, pos_embed_max_size=16, context_dim=64, adm_in_channels=64,
+                                   mlp_ratio=1 / 256))  # no second attention, the narrowest MLP
+    adaln = sum(lin.weight.numel() + lin.bias.numel() for lin in smallest._adaln_linears())
+    attention = sum(p.numel() for name, p in smallest.named_parameters() if ".attn." in name)
+    assert smallest.config.hidden_size == 256 and 2.9e6 < adaln < 3.1e6 and 2.0e6 < attention < 2.2e6
+    assert 2 * (adaln + attention) > 10e6
