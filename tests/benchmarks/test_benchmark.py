@@ -313,7 +313,7 @@ def test_diffusers_contenders_skipped_without_diffusers(monkeypatch, tmp_path):
 def test_bad_bench_arguments(capsys):
     assert cli.main(["bench", "--only", "kernel"]) == 2
     err = capsys.readouterr().err
-    assert err == "fastsd35: error: --only 'kernel': choose from kernels, transformer, e2e, multigpu, serve (comma-separated)\n"
+    assert err == "fastsd35: error: --only 'kernel': choose from kernels, transformer, e2e, multigpu, cache, serve (comma-separated)\n"
     assert cli.main(["bench", "--models", "large,xl"]) == 2
     assert "--models 'large,xl': choose from large, medium" in capsys.readouterr().err
 
