@@ -256,3 +256,24 @@ def test_a_record_with_a_schedule_for_other_steps_is_refused(tmp_path, capsys):
     png.write_bytes(png_bytes(Image.new("RGB", (8, 8)), record))
     fails(capsys, "the cache schedule has 6 steps but this generation runs 4", "--from-png", png, "--out",
           tmp_path / "o", out=tmp_path)  # fmt: skip
+
+
+def test_defaults_are_readme_s_and_a_config_refuses_what_cannot_be_cached():
+    """README "Step caching": threshold 0.12, warm-up 4, max-skip 3, one block first, no extrapolation; a transformer
+    of one block has nothing left to cache; a replayed schedule shorter than the generation is refused at its end."""
+    assert CacheConfig() == CacheConfig(threshold=0.12, warmup=4, max_skip=3, blocks=1, extrapolate=False, schedule=None)
+    with pytest.raises(FastSD35Error, match="^step caching needs a transformer of 2 blocks or more; this one has 1$"):
+        CacheConfig().checked(depth=1)
+    assert CacheConfig(blocks=1).checked(depth=2).blocks == 1
+    cache = StepCache(CacheConfig(schedule="CRC"), calls=4)
+    assert [cache.forced(step) for step in range(3)] == [True, False, True]
+    with pytest.raises(FastSD35Error, match="^the cache schedule has 3 steps; this generation runs more$"):
+        cache.forced(3)
+
+
+def test_nothing_decided_costs_no_deciding_time(deep):
+    """Threshold 0 never measures a distance: its deciding time is exactly 0, and the counts start from 0."""
+    gen = deep.generate("a", cache=CacheConfig(threshold=0.0), steps=3, **SMALL)
+    assert gen.cache["decide_s"] == 0.0 and gen.cache["passes"] == gen.cache["computed"] == 3
+    cache = StepCache(CacheConfig(), calls=5)
+    assert (cache.passes, cache.computed, cache.decide_s, cache.reused_in_a_row) == (0, 0, 0.0, 0)
