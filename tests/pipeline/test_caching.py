@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.cli import FAST, fails, run
+from helpers.pipelines import cpu_user  # noqa: F401  (autouse: the reference ops, no network)
 from PIL import Image
 
 from fastsd35.app.outputs import METADATA_KEY
@@ -23,13 +24,6 @@ from fastsd35.tiny.family import randomize_, tiny_components, write_tiny_control
 SMALL = dict(width=64, height=48, progress=False, seed=5)
 DEEP = MMDiTXConfig(depth=4, pos_embed_max_size=64, context_dim=64, adm_in_channels=64, qk_norm="rms",
                     x_block_self_attn_layers=(1,))  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def cpu_user(monkeypatch, tmp_path):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
 
 
 @pytest.fixture(scope="module")

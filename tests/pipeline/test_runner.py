@@ -19,15 +19,7 @@ from fastsd35.pipeline.runner import Pipeline
 from fastsd35.pipeline.sampling import SLGConfig, initial_latent, make_noise
 from fastsd35.tiny.family import write_tiny_controlnet, write_tiny_model
 
-from helpers.pipelines import SMALL, diffusers_pipeline, pixels
-
-
-@pytest.fixture(autouse=True)
-def cpu_user(monkeypatch, tmp_path):
-    """The reference ops, as on a user's CPU (the kernels are tested on their own), and no network or HF cache."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+from helpers.pipelines import SMALL, cpu_user, diffusers_pipeline, pixels  # noqa: F401  (cpu_user: autouse)
 
 
 @pytest.fixture(scope="module")

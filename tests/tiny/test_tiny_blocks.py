@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.pipelines import reference_ops  # noqa: F401  (autouse, module-wide: the reference ops)
+
 from fastsd35.models.vae import process_in, process_out, tensor_to_images
 from fastsd35.pipeline.runner import Pipeline
 from fastsd35.pipeline.sampling import SLGConfig, get_sigmas, make_noise
@@ -14,15 +16,6 @@ from fastsd35.tiny import family as tiny
 from fastsd35.tiny.scenes import CHECK_CAPTIONS, LAYOUTS, SIZE, Scene, parse_caption
 
 CAPTION = CHECK_CAPTIONS[0]  # a red square on a blue background
-
-
-@pytest.fixture(scope="module", autouse=True)
-def reference_ops():
-    """The reference ops, as on a user's CPU, for the module-scoped fixtures' generations too (one test turns the
-    interpreter back on for itself)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "0")
-        yield
 
 
 @pytest.fixture(scope="module")

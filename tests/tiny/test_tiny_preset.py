@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.pipelines import reference_ops  # noqa: F401  (autouse, module-wide: the reference ops)
+
 from fastsd35.app import cli
 from fastsd35.pipeline.runner import Pipeline
 from fastsd35.tiny import family as tiny
@@ -20,15 +22,6 @@ COLOURS_RIGHT, SHAPES_RIGHT = 0.95, 0.75
 # 0.2, a plain background 0.5), on the same images.
 MIN_SCORE = 0.75
 MIN_MEAN = 0.85
-
-
-@pytest.fixture(scope="module", autouse=True)
-def reference_ops():
-    """The reference ops, as on a user's CPU, for the module-scoped fixtures' generations too (one test turns the
-    interpreter back on for itself)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "0")
-        yield
 
 
 @pytest.fixture(scope="module")
